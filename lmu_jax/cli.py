@@ -1,0 +1,48 @@
+"""The `lmu-jax` command line: one argparse tree, each area registers its own subcommands.
+
+Every area module listed in ``COMMAND_MODULES`` exposes ``register(subparsers)``, which adds its
+subcommand(s) and sets ``func`` (``args -> exit code``). A ``UserError`` anywhere becomes one line on
+stderr and exit code 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lmu_jax.errors import EXIT_USER_ERROR, UserError
+
+COMMAND_MODULES = [
+    "lmu_jax.train.commands",  # train, eval, flops
+    "lmu_jax.data.commands",  # data prepare|tokenizer|info
+    "lmu_jax.scaling.commands",  # fit
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad arguments through UserError (one line, exit 2)."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="lmu-jax", description=__doc__.splitlines()[0])
+    subparsers = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Every setting of a run as frozen dataclasses; loaded from YAML plus dotted overrides.
+
+    cfg = load_config("experiments/configs/default.yaml", ["model.d_model=256", "train.steps=2000"])
+
+The ``model`` section is family-specific: ``model.family`` picks the family, whose config class (a
+subclass of ``ModelConfig``, registered in ``lmu_jax.models``) says which other keys are allowed.
+Parsing is strict: an unknown key, a wrong type or an out-of-range value raises ``UserError`` naming
+the field (``train.steps``), the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmu_jax.errors import UserError, bad_value
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keys shared by every family; each family subclasses this with its own keys."""
+
+    family: str = "transformer"  # registry name, see `lmu-jax flops --list`
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    d_model: int = 128  # residual width
+    n_layers: int = 2  # number of blocks
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    dtype: str = "float32"  # compute dtype; parameters stay float32, loss and softmax float32
+
+    def resolved(self, vocab_size: int, seq_len: int) -> "ModelConfig":
+        """Fill what comes from the data (vocabulary; families add e.g. theta = seq_len)."""
+        return dataclasses.replace(self, vocab_size=self.vocab_size or vocab_size)
+
+    def validate(self) -> None:
+        _positive(self, "d_model", "n_layers")
+        if self.vocab_size < 0:
+            raise bad_value("model.vocab_size", self.vocab_size, "0 (from the tokenizer) or a positive int")
+        if self.dtype not in DTYPES:
+            raise bad_value("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "kjv"  # kjv | pystdlib | enwik8 | text8 | files:<glob> | tfds:<name>[/<config>]
+    tokenizer: str = "byte"  # byte | sentencepiece
+    sp_vocab_size: int = 4096  # vocabulary of a trained SentencePiece model
+    seq_len: int = 256  # tokens per training window (the model sees seq_len, predicts seq_len)
+    cache_dir: str = "~/.cache/lmu_jax"  # tokenized corpora (memmaps) and tokenizers; local or gs://
+    data_dir: str = ""  # where enwik8/text8 files or prepared TFDS datasets live ("" = default)
+    val_windows: int = 64  # fixed validation windows evaluated each time
+    max_bytes: int = 0  # cap on the text read from the corpus (0 = all); for quick demos
+    text_key: str = "text"  # tfds corpora: the feature that holds the text (bytes or str)
+
+    def validate(self) -> None:
+        _positive(self, "seq_len", "val_windows")
+        if self.tokenizer not in ("byte", "sentencepiece"):
+            raise bad_value("data.tokenizer", self.tokenizer, "byte or sentencepiece")
+        if self.sp_vocab_size < 64:
+            raise bad_value("data.sp_vocab_size", self.sp_vocab_size, "an int >= 64")
+        if self.max_bytes < 0:
+            raise bad_value("data.max_bytes", self.max_bytes, "0 (all) or a positive int")
+        if not self.text_key:
+            raise bad_value("data.text_key", self.text_key, "the name of a text feature, e.g. text")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    schedule: str = "cosine"  # cosine (warmup + cosine to the horizon) | wsd | constant
+    warmup_steps: int = 50  # linear warmup; the first step already has lr > 0
+    min_lr_ratio: float = 0.1  # final lr as a fraction of the peak (cosine and wsd)
+    decay_fraction: float = 0.2  # wsd: fraction of the steps spent in the final cooldown
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # AdamW decoupled decay, on matrices only
+    grad_clip: float = 1.0  # global-norm clipping (0 = off)
+
+    def validate(self) -> None:
+        _positive(self, "lr")
+        if self.schedule not in ("cosine", "wsd", "constant"):
+            raise bad_value("optim.schedule", self.schedule, "cosine, wsd or constant")
+        for name in ("min_lr_ratio", "decay_fraction", "b1", "b2"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise bad_value(f"optim.{name}", value, "a number in [0, 1]")
+        for name in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+            if getattr(self, name) < 0:
+                raise bad_value(f"optim.{name}", getattr(self, name), "a number >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 200  # optimizer steps; the LR schedule's horizon
+    batch_size: int = 16  # global batch, in sequences
+    microbatches: int = 1  # gradient accumulation: the batch is split into this many parts
+    seed: int = 0  # parameters and data order
+    eval_every: int = 100  # steps between evaluations (0 = only at the end)
+    nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
+    profile_steps: int = 0  # >0: write a jax.profiler trace of this many steps after warmup
+
+    def validate(self) -> None:
+        _positive(self, "steps", "batch_size", "microbatches")
+        if self.batch_size % self.microbatches:
+            raise bad_value("train.microbatches", self.microbatches,
+                            f"a divisor of train.batch_size={self.batch_size}")
+        if self.eval_every < 0:
+            raise bad_value("train.eval_every", self.eval_every, "0 (end only) or a positive int")
+        if self.nonfinite not in ("stop", "skip"):
+            raise bad_value("train.nonfinite", self.nonfinite, "stop or skip")
+        if self.profile_steps < 0:
+            raise bad_value("train.profile_steps", self.profile_steps, "an int >= 0")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # data-parallel axis size (-1 = the devices left over)
+    fsdp: int = 1  # parameter/optimizer sharding axis (ZeRO-3 style)
+    tensor: int = 1  # tensor-parallel axis (heads, mlp, vocab)
+    sharding_tolerance: float = 0.02  # max fraction of parameter bytes left replicated when fsdp > 1
+
+    def validate(self) -> None:
+        sizes = (self.data, self.fsdp, self.tensor)
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise bad_value("mesh", dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor),
+                            "positive sizes, at most one of them -1 (fill)")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 100  # steps between checkpoints (0 = only at the end and on SIGTERM)
+    keep: int = 3  # keep the last N checkpoints
+    keep_every: int = 0  # additionally keep every K-th step forever (0 = off)
+    async_save: bool = True  # write in the background while training goes on
+
+    def validate(self) -> None:
+        if self.every < 0 or self.keep_every < 0:
+            raise bad_value("checkpoint.every", self.every, "an int >= 0")
+        _positive(self, "keep")
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    tensorboard: bool = True  # also write TensorBoard events when tensorboardX is installed
+    progress: bool = True  # tqdm progress bar (process 0)
+    every: int = 1  # steps between metric lines
+
+    def validate(self) -> None:
+        _positive(self, "every")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    coordinator: str = ""  # host:port of process 0 ("" = auto-detect: TPU, SLURM, MPI, or single process)
+    num_processes: int = 0  # with coordinator: total processes
+    process_id: int = -1  # with coordinator: this process
+    timeout_s: int = 300  # initialisation and barrier timeout
+
+    def validate(self) -> None:
+        if self.coordinator and (self.num_processes < 1 or not 0 <= self.process_id < self.num_processes):
+            raise bad_value("distributed.process_id", self.process_id,
+                            f"0 <= process_id < num_processes={self.num_processes} with a coordinator")
+        _positive(self, "timeout_s")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+
+    def validate(self) -> "RunConfig":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **sections) -> "RunConfig":
+        return dataclasses.replace(self, **sections)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _positive(section, *names):
+    prefix = _SECTION_NAMES.get(type(section), "model")
+    for name in names:
+        value = getattr(section, name)
+        if value <= 0:
+            raise bad_value(f"{prefix}.{name}", value, "a positive number")
+
+
+_SECTION_NAMES = {
+    DataConfig: "data", OptimConfig: "optim", TrainConfig: "train", MeshConfig: "mesh",
+    CheckpointConfig: "checkpoint", LogConfig: "log", DistributedConfig: "distributed",
+}
+
+
+def _coerce(path: str, value: Any, annotation) -> Any:
+    """Check (and gently convert: int -> float) one value against a field's type."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _coerce(path, value, arg)
+                except UserError:
+                    pass
+        raise bad_value(path, value, f"of type {annotation}")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad_value(path, value, "true or false")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+            return int(value)  # 1e6 in YAML
+        raise bad_value(path, value, "an integer")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise bad_value(path, value, "a number")
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        raise bad_value(path, value, "a string")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise bad_value(path, value, "a list")
+        (item,) = typing.get_args(annotation)[:1]
+        return tuple(_coerce(f"{path}[{i}]", v, item) for i, v in enumerate(value))
+    raise TypeError(f"unsupported config annotation {annotation} at {path}")
+
+
+def build_section(cls, values: dict, path: str):
+    """Make a frozen dataclass from a dict, strictly: unknown keys and wrong types are errors."""
+    if not isinstance(values, dict):
+        raise bad_value(path, values, "a mapping of keys to values")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise UserError(f"{path}.{key} is not a known key; allowed: {', '.join(sorted(known))}")
+        kwargs[key] = _coerce(f"{path}.{key}", value, hints[key])
+    return cls(**kwargs)
+
+
+def _model_config_class(family: str):
+    from lmu_jax.models import FAMILIES  # the registry owns the family-specific classes
+
+    if family not in FAMILIES:
+        raise bad_value("model.family", family, f"one of {', '.join(sorted(FAMILIES))}")
+    return FAMILIES[family].config_cls
+
+
+def config_from_dict(raw: dict) -> RunConfig:
+    """Build and validate a RunConfig from a nested dict (as loaded from YAML)."""
+    raw = dict(raw or {})
+    sections = {f.name: f for f in dataclasses.fields(RunConfig)}
+    for key in raw:
+        if key not in sections:
+            raise UserError(f"{key} is not a known section; allowed: {', '.join(sections)}")
+    kwargs = {}
+    for name, f in sections.items():
+        values = raw.get(name) or {}
+        if name == "model":
+            if not isinstance(values, dict):
+                raise bad_value("model", values, "a mapping of keys to values")
+            cls = _model_config_class(values.get("family", ModelConfig.family))
+        else:
+            cls = typing.get_type_hints(RunConfig)[name]
+        kwargs[name] = build_section(cls, values, name)
+    return RunConfig(**kwargs).validate()
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``model.d_model=256`` -> (['model', 'd_model'], 256); the value is parsed as YAML."""
+    if "=" not in text:
+        raise bad_value("override", text, "key=value with a dotted key, e.g. train.steps=100")
+    key, value = text.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise bad_value("override", text, "section.key=value, e.g. model.d_model=256")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return parts, parsed
+
+
+def merge_overrides(raw: dict, overrides: list[str]) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in (raw or {}).items()}
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        target = merged.setdefault(section, {})
+        if not isinstance(target, dict):
+            raise bad_value(section, target, "a mapping of keys to values")
+        target[key] = value
+    return merged
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise bad_value("--config", str(path), "an existing YAML file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise UserError(f"--config {path} is not valid YAML: {str(err).splitlines()[0]}")
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise bad_value("--config", str(path), "a YAML mapping of sections")
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    raw = read_yaml(path) if path else {}
+    return config_from_dict(merge_overrides(raw, list(overrides)))
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def run_id(cfg: RunConfig) -> str:
+    """A stable 10-hex-digit hash of what defines the experiment (not how or where it runs)."""
+    import hashlib
+    import json
+
+    defining = {k: v for k, v in cfg.to_dict().items() if k not in ("mesh", "log", "distributed", "checkpoint")}
+    return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:10]

@@ -1,0 +1,77 @@
+"""FLOP and parameter accounting: one convention for every family.
+
+Convention (specs/scaling_and_frameworks.md §1):
+- ``forward_flops_per_token`` (per family, in its model file) counts matmuls as 2·m·k per token, the
+  unembedding included, the embedding gather excluded; causal attention counts half of the full QKᵀ
+  and AV; family-specific ops (LMU memory convolutions, scans) are counted by their own formulas.
+- training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``.
+- ``kaplan_flops_per_token`` = 6·N with N the non-embedding parameters, logged beside it.
+- Non-embedding parameters exclude every parameter with a ``vocab`` or ``position`` logical axis
+  (token embeddings, untied output heads, learned position tables).
+- ``xla_flops`` asks XLA's ``cost_analysis()`` of a compiled function, as a cross-check.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+EMBEDDING_AXES = ("vocab", "position")
+
+
+def dense_flops(d_in: int, d_out: int) -> float:
+    """Forward FLOPs per token of a d_in x d_out matmul (multiply + add)."""
+    return 2.0 * d_in * d_out
+
+
+def attention_flops(d_attn: int, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs per token of QKᵀ and AV over a window of seq_len; causal counts half the map."""
+    full = 2.0 * 2.0 * d_attn * seq_len
+    return full / 2 if causal else full
+
+
+def model_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token: 3 × the family's analytic forward count."""
+    from lmu_jax.models import get_family
+
+    return 3.0 * get_family(cfg.family).forward_flops_per_token(cfg, seq_len)
+
+
+def kaplan_flops_per_token(non_embedding_params: int) -> float:
+    return 6.0 * non_embedding_params
+
+
+def abstract_variables(cfg, seq_len: int):
+    """Shapes of the model's variables (boxed with logical axes), without allocating anything."""
+    from lmu_jax.models import build_model
+
+    model = build_model(cfg)
+    tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+    return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
+
+
+def param_counts(cfg, seq_len: int = 16) -> dict:
+    """Exact parameter counts from the model's own shapes: total and non-embedding."""
+    variables = abstract_variables(cfg, seq_len)["params"]
+    total = embedding = 0
+    leaves = jax.tree_util.tree_leaves(variables, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    for leaf in leaves:
+        axes = leaf.names if isinstance(leaf, nn.Partitioned) else ()
+        value = leaf.value if isinstance(leaf, nn.Partitioned) else leaf
+        size = math.prod(value.shape)
+        total += size
+        if any(a in EMBEDDING_AXES for a in axes if a):
+            embedding += size
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding}
+
+
+def xla_flops(jitted_fn, *args) -> float:
+    """FLOPs XLA reports for one call of a jitted function (``cost_analysis()['flops']``)."""
+    compiled = jitted_fn.lower(*args).compile()
+    analysis = compiled.cost_analysis()
+    if isinstance(analysis, (list, tuple)):
+        analysis = analysis[0]
+    return float(analysis.get("flops", float("nan")))

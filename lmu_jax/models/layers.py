@@ -1,0 +1,141 @@
+"""Building blocks shared by the families. Every parameter carries logical axis names.
+
+Logical axes: ``embed`` (residual width), ``vocab``, ``mlp`` (FFN hidden), ``heads``, ``kv`` (per-head
+width), ``position`` (learned position table), ``norm`` (norm scales). ``lmu_jax.sharding`` maps them onto
+the mesh axes ``data``, ``fsdp``, ``tensor``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
+
+
+def dtype_of(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def partitioned(init, axes: tuple):
+    return nn.with_logical_partitioning(init, axes)
+
+
+class Dense(nn.Module):
+    """y = x W (+ b) over the last axis, with logical axes (in_axis, out_axis) on W."""
+
+    features: int
+    axes: tuple[str, str]
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    init_scale: float = 1.0  # multiplies the std of the default init (residual projections use < 1)
+
+    @nn.compact
+    def __call__(self, x):
+        init = nn.initializers.normal(stddev=0.02 * self.init_scale)
+        return nn.Dense(
+            self.features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+            kernel_init=partitioned(init, self.axes),
+            bias_init=partitioned(nn.initializers.zeros, (self.axes[1],)),
+        )(x)
+
+
+class Norm(nn.Module):
+    """Pre-norm LayerNorm, computed in float32."""
+
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        y = nn.LayerNorm(
+            dtype=jnp.float32, param_dtype=jnp.float32,
+            scale_init=partitioned(nn.initializers.ones, ("norm",)),
+            bias_init=partitioned(nn.initializers.zeros, ("norm",)),
+        )(x.astype(jnp.float32))
+        return y.astype(self.dtype)
+
+
+class Mlp(nn.Module):
+    """The FFN of eq. 11 (LMU paper) and of the transformer: GELU(x W1 + b1) W2 + b2."""
+
+    d_ff: int
+    n_layers: int = 1  # scales the output init (GPT-2 style 1/sqrt(2L))
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        h = Dense(self.d_ff, ("embed", "mlp"), dtype=self.dtype, name="up")(x)
+        h = nn.gelu(h)
+        return Dense(x.shape[-1], ("mlp", "embed"), dtype=self.dtype, name="down",
+                     init_scale=1 / math.sqrt(2 * self.n_layers))(h)
+
+
+def rotary(x, positions, base: float = 10000.0):
+    """Rotary position embedding on x[..., time, heads, head_dim] (half-split convention)."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # (time, half)
+    cos, sin = jnp.cos(angles)[:, None, :], jnp.sin(angles)[:, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return out.astype(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention through ``jax.nn.dot_product_attention``."""
+
+    n_heads: int
+    rope: bool = True
+    n_layers: int = 1
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d_model = x.shape[-1]
+        head_dim = d_model // self.n_heads
+
+        def project(name):
+            return nn.DenseGeneral(
+                (self.n_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
+                kernel_init=partitioned(DEFAULT_INIT, ("embed", "heads", "kv")),
+                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
+            )(x)
+
+        q, k, v = project("query"), project("key"), project("value")  # (batch, time, heads, head_dim)
+        if self.rope:
+            positions = jnp.arange(x.shape[1])
+            q, k = rotary(q, positions), rotary(k, positions)
+        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        return nn.DenseGeneral(
+            d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
+            kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),
+                                    ("heads", "kv", "embed")),
+            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
+        )(out)
+
+
+class Embedder(nn.Module):
+    """Token embedding (logical axes vocab x embed) and the output projection (tied or separate)."""
+
+    vocab_size: int
+    d_model: int
+    tie: bool = True
+    dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        self.table = self.param("embedding", partitioned(DEFAULT_INIT, ("vocab", "embed")),
+                                (self.vocab_size, self.d_model), jnp.float32)
+        if not self.tie:
+            self.head = Dense(self.vocab_size, ("embed", "vocab"), use_bias=False, dtype=self.dtype)
+
+    def embed(self, tokens):
+        return jnp.take(self.table, tokens, axis=0).astype(self.dtype)
+
+    def logits(self, x):
+        """float32 logits: the softmax and the loss never run in bf16."""
+        if self.tie:
+            return jnp.einsum("btd,vd->btv", x, self.table.astype(x.dtype)).astype(jnp.float32)
+        return self.head(x).astype(jnp.float32)

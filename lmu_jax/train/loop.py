@@ -1,0 +1,294 @@
+"""The Trainer: one training loop for every family, through the model interface only.
+
+config -> mesh -> data cache -> model + shardings -> resume or init -> jitted sharded steps ->
+delayed metrics -> checkpoints -> eval -> DONE. See DESIGN.md "Data flow of a run".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lmu_jax import distributed
+from lmu_jax.config import RunConfig, run_id
+from lmu_jax.data.pipeline import WindowBatcher, open_cache, prepare, to_global_array, validation_windows
+from lmu_jax.errors import UserError, bad_value
+from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
+from lmu_jax.metrics import MetricsWriter, peak_flops_total
+from lmu_jax.models import build_model
+from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, make_mesh,
+                              param_shardings, replicated)
+from lmu_jax.train.checkpoint import Checkpointer, abstract_like
+from lmu_jax.train.optim import make_optimizer, make_schedule
+from lmu_jax.train.rundir import RunDir
+from lmu_jax.train.step import eval_step, train_step
+
+log = logging.getLogger("lmu_jax")
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient norm became NaN/Inf (policy ``train.nonfinite=stop``)."""
+
+
+def open_data(cfg: RunConfig):
+    """Process 0 tokenizes (once, cached); the others open the cache after a barrier."""
+    if distributed.is_main_process():
+        cache = prepare(cfg.data)
+    distributed.barrier("data-prepared")
+    if not distributed.is_main_process():
+        cache = open_cache(cfg.data)
+    return cache
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, run_dir, devices=None):
+        self.cfg = cfg
+        self.run = RunDir(run_dir)
+        self.mesh = make_mesh(cfg.mesh, devices)
+        dp = data_parallel_size(self.mesh)
+        if cfg.train.batch_size % dp:
+            raise bad_value("train.batch_size", cfg.train.batch_size,
+                            f"a multiple of the data-parallel size {dp} (mesh.data x mesh.fsdp)")
+        if (cfg.train.batch_size // cfg.train.microbatches) % dp:
+            raise bad_value("train.microbatches", cfg.train.microbatches,
+                            f"a value leaving microbatches of a multiple of {dp} sequences")
+        if cfg.train.batch_size % jax.process_count():
+            raise bad_value("train.batch_size", cfg.train.batch_size,
+                            f"a multiple of the process count {jax.process_count()}")
+        self.cache = open_data(cfg)
+        self.seq_len = cfg.data.seq_len
+        self.model_cfg = cfg.model.resolved(self.cache.vocab_size, self.seq_len)
+        self.model_cfg.validate()
+        if self.model_cfg.vocab_size < self.cache.vocab_size:
+            raise bad_value("model.vocab_size", self.model_cfg.vocab_size,
+                            f"0 or at least the tokenizer's vocabulary {self.cache.vocab_size}")
+        self.model = build_model(self.model_cfg)
+        self.counts = param_counts(self.model_cfg, self.seq_len)
+        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len)
+        self.tokens_per_step = cfg.train.batch_size * self.seq_len
+        self.batcher = WindowBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size,
+                                     cfg.train.seed)
+        self._setup_state()
+
+    # -- state, shardings, jitted functions ---------------------------------------------------------
+
+    def _setup_state(self):
+        cfg, mesh = self.cfg, self.mesh
+        dummy = jnp.zeros((1, self.seq_len), jnp.int32)
+        boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), dummy))["params"]
+        p_shardings = param_shardings(boxed, mesh)
+        p_shapes = nn.meta.unbox(boxed)
+        check_sufficiently_sharded(p_shapes, p_shardings, mesh, cfg.mesh.sharding_tolerance)
+        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
+        opt_shapes = jax.eval_shape(self.optimizer.init, p_shapes)
+        o_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_shapes, p_shardings,
+                                            transform_non_params=lambda _: replicated(mesh))
+        self.state_shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings}
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
+        self.abstract_state = abstract_like(shapes, self.state_shardings)
+        self.batch_sharding = batch_sharding(mesh)
+
+        seed, model, optimizer = cfg.train.seed, self.model, self.optimizer
+
+        def init_state():
+            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy))["params"]
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+
+        self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
+        step = partial(train_step, apply_fn=model.apply, optimizer=optimizer, microbatches=cfg.train.microbatches,
+                       seed=seed, skip_nonfinite=cfg.train.nonfinite == "skip")
+        self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+                                  out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
+        self.eval_step = jax.jit(partial(eval_step, apply_fn=model.apply),
+                                 in_shardings=(p_shardings, self.batch_sharding, self.batch_sharding),
+                                 out_shardings=replicated(mesh))
+
+    def global_batch(self, step: int) -> jax.Array:
+        local = self.batcher.local_batch(step, jax.process_index(), jax.process_count())
+        return to_global_array(local, self.batch_sharding)
+
+    def meta(self) -> dict:
+        return {"run_id": run_id(self.cfg), "data_fingerprint": self.cache.fingerprint,
+                "config": self.cfg.to_dict()}
+
+    # -- evaluation ---------------------------------------------------------------------------------
+
+    def evaluate(self, params) -> dict:
+        """Mean loss, bits per token/byte and per-position loss over the fixed validation windows."""
+        windows = validation_windows(self.cache.tokens("validation"), self.seq_len, self.cfg.data.val_windows)
+        batch = self.cfg.train.batch_size
+        count = len(windows)
+        padded = math.ceil(count / batch) * batch
+        weights = (np.arange(padded) < count).astype(np.float32)
+        windows = np.concatenate([windows, np.repeat(windows[:1], padded - count, axis=0)])
+        rows = batch // jax.process_count()
+        lo = jax.process_index() * rows
+        sums, total = np.zeros(self.seq_len), 0.0
+        for start in range(0, padded, batch):
+            part = slice(start + lo, start + lo + rows)
+            s, n = self.eval_step(params, to_global_array(windows[part], self.batch_sharding),
+                                  to_global_array(weights[part], self.batch_sharding))
+            sums += np.asarray(jax.device_get(s), np.float64)
+            total += float(n)
+        per_position = sums / total
+        loss = float(per_position.mean())
+        bits_per_token = loss / math.log(2)
+        return {"loss": loss, "bits_per_token": bits_per_token,
+                "bits_per_byte": bits_per_token / self.cache.bytes_per_token("validation"),
+                "windows": count, "per_position_loss": [round(float(x), 6) for x in per_position]}
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def train(self) -> dict:
+        cfg, run = self.cfg, self.run
+        main = distributed.is_main_process()
+        if run.done:
+            if main:
+                print(f"run {run.path} is finished (DONE); leaving it alone")
+            return {"status": "done-before"}
+        if main:
+            run.check_writable()
+            run.acquire_lock()
+        try:
+            if main:
+                run.check_or_write_config(cfg)
+            distributed.barrier("run-dir-ready")
+            return self._train_locked()
+        finally:
+            if main:
+                run.release_lock()
+
+    def _train_locked(self) -> dict:
+        cfg, run = self.cfg, self.run
+        main = distributed.is_main_process()
+        ckpt = Checkpointer(run.checkpoints.absolute(), cfg.checkpoint)
+        state, meta = ckpt.restore_latest(self.abstract_state)
+        if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
+            raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
+                            f"this run reads {self.cache.fingerprint}; use the same data or a new --run-dir")
+        if state is None:
+            state = self.init_state()
+        start = int(jax.device_get(state["step"]))
+        if main and start:
+            print(f"resuming {run.path} from step {start}")
+        writer = MetricsWriter(run.path, resume_step=start, tensorboard=cfg.log.tensorboard)
+        peak, peak_source = peak_flops_total()
+        stop_requested = []
+        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True)) \
+            if _in_main_thread() else None
+        progress = _progress_bar(main and cfg.log.progress, start, cfg.train.steps)
+        pending = None  # (step, metrics on device): fetched one step late so the host never stalls
+        last_good_checkpoint = start if start else None
+        last_time = time.perf_counter()
+
+        def flush(pending_item):
+            nonlocal last_time
+            step_no, metrics = pending_item
+            metrics = jax.device_get(metrics)
+            now = time.perf_counter()
+            dt, last_time = now - last_time, now
+            loss = float(metrics["loss"])
+            if not bool(metrics["finite"]) and cfg.train.nonfinite == "stop":
+                raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step_no}; last good checkpoint: "
+                                    f"{last_good_checkpoint if last_good_checkpoint is not None else 'none'}")
+            tokens = step_no * self.tokens_per_step
+            record = {
+                "kind": "train", "step": step_no, "loss": loss, "lr": float(self.schedule(step_no - 1)),
+                "grad_norm": float(metrics["grad_norm"]), "finite": bool(metrics["finite"]), "tokens": tokens,
+                "flops_model": tokens * self.flops_per_token,
+                "flops_6n": tokens * kaplan_flops_per_token(self.counts["non_embedding"]),
+                "step_time": dt, "tokens_per_s": self.tokens_per_step / dt,
+                "mfu": self.tokens_per_step * self.flops_per_token / dt / peak,
+            }
+            if step_no % cfg.log.every == 0 or step_no == cfg.train.steps:
+                writer.write(record)
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+
+        try:
+            step = start
+            profiling = False
+            while step < cfg.train.steps:
+                if cfg.train.profile_steps and step == start + 2 and main:
+                    jax.profiler.start_trace(str(run.path / "profile"))
+                    profiling = True
+                state, metrics = self.train_step(state, self.global_batch(step))
+                step += 1
+                if pending is not None:
+                    flush(pending)
+                pending = (step, metrics)
+                if profiling and step >= start + 2 + cfg.train.profile_steps:
+                    jax.profiler.stop_trace()
+                    profiling = False
+                is_last = step == cfg.train.steps
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
+                    flush(pending)
+                    pending = None
+                    writer.write({"kind": "eval", "step": step, **_summary(self.evaluate(state["params"]))})
+                checkpoint_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last
+                if checkpoint_now or stop_requested:
+                    if pending is not None:  # never checkpoint a state whose loss we have not checked
+                        flush(pending)
+                        pending = None
+                    ckpt.save(state, self.meta())
+                    last_good_checkpoint = step
+                if stop_requested and not is_last:
+                    ckpt.wait()
+                    if main:
+                        print(f"SIGTERM: saved a checkpoint at step {step} in {run.path}; exiting. "
+                              "Run the same command again to resume.")
+                    return {"status": "preempted", "step": step}
+            if pending is not None:
+                flush(pending)
+            ckpt.wait()
+            result = self.evaluate(state["params"])
+            result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
+                          flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
+                          * self.flops_per_token, family=self.model_cfg.family, run_id=run_id(cfg),
+                          peak_flops=peak, peak_source=peak_source)
+            writer.write({"kind": "eval", "step": step, **_summary(result)})
+            if distributed.is_main_process():
+                run.write_eval(result)
+                run.mark_done({"step": step, "loss": result["loss"]})
+            distributed.barrier("run-done")
+            self.final_state = state
+            return {"status": "done", **result}
+        finally:
+            if progress is not None:
+                progress.close()
+            writer.close()
+            ckpt.close()
+            if previous_handler is not None:
+                signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _summary(result: dict) -> dict:
+    return {k: result[k] for k in ("loss", "bits_per_token", "bits_per_byte")}
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr,
+                disable=None)

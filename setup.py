@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="lmu_jax",
+    version="0.1.0",
+    description="Scaling-law experiments on LMU, transformer, LSTM and related language models in JAX/Flax",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lmu_jax", "lmu_jax.*", "tpu", "tpu.*", "benchmarks", "benchmarks.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.12",
+        "numpy",
+        "sentencepiece",
+        "scipy",
+        "matplotlib",
+        "pyyaml",
+        "tqdm",
+        "etils[epath]",
+    ],
+    extras_require={
+        "tfds": ["tensorflow-datasets>=4.9", "array-record"],
+        "tb": ["tensorboardX"],
+        "dev": ["pytest", "hypothesis", "tensorboardX"],
+    },
+    entry_points={"console_scripts": ["lmu-jax=lmu_jax.cli:main"]},
+)
