@@ -28,6 +28,7 @@ LOGICAL_RULES = (
     ("heads", "tensor"),
     ("kv", None),
     ("order", None),
+    ("order_reduced", None),  # the LMU's L_i (q' x q) and readout p: tiny, replicated
     ("position", None),
     ("norm", None),
     ("layers", None),
@@ -81,8 +82,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P(BATCH_AXES, None))
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Rows over the data-parallel axes, every other dimension whole."""
+    return NamedSharding(mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
 
 
 def data_parallel_size(mesh: Mesh) -> int:

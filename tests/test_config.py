@@ -103,7 +103,7 @@ def test_bad_files(tmp_path, capsys):
 def test_empty_and_short_corpus(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("In the beginning")
-    for corpus, word in [("empty.txt", "empty"), ("short.txt", "window")]:
+    for corpus, word in [("empty.txt", "empty"), ("short.txt", "large enough")]:
         code = main(["train", f"data.corpus=files:{tmp_path / corpus}", f"data.cache_dir={tmp_path / 'cache'}",
                      "data.seq_len=64", "--run-dir", str(tmp_path / "run")])
         err = capsys.readouterr().err.strip()

@@ -43,9 +43,15 @@ class NonFiniteLoss(Exception):
 
 def open_data(cfg: RunConfig):
     """Process 0 tokenizes (once, cached); the others open the cache after a barrier."""
+    failure = None
     if distributed.is_main_process():
-        cache = prepare(cfg.data)
-    distributed.barrier("data-prepared")
+        try:
+            cache = prepare(cfg.data)
+        except UserError as err:
+            failure = err
+    # every process learns whether process 0 succeeded, so none waits for a barrier that never comes
+    if distributed.broadcast_from_main(np.int32(failure is not None)):
+        raise failure or UserError(f"data.corpus={cfg.data.corpus!r} could not be prepared on process 0")
     if not distributed.is_main_process():
         cache = open_cache(cfg.data)
     return cache
@@ -99,6 +105,7 @@ class Trainer:
         shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
         self.abstract_state = abstract_like(shapes, self.state_shardings)
         self.batch_sharding = batch_sharding(mesh)
+        self.weight_sharding = batch_sharding(mesh, ndim=1)
 
         seed, model, optimizer = cfg.train.seed, self.model, self.optimizer
 
@@ -112,7 +119,7 @@ class Trainer:
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
         self.eval_step = jax.jit(partial(eval_step, apply_fn=model.apply),
-                                 in_shardings=(p_shardings, self.batch_sharding, self.batch_sharding),
+                                 in_shardings=(p_shardings, self.batch_sharding, self.weight_sharding),
                                  out_shardings=replicated(mesh))
 
     def global_batch(self, step: int) -> jax.Array:
@@ -139,7 +146,7 @@ class Trainer:
         for start in range(0, padded, batch):
             part = slice(start + lo, start + lo + rows)
             s, n = self.eval_step(params, to_global_array(windows[part], self.batch_sharding),
-                                  to_global_array(weights[part], self.batch_sharding))
+                                  to_global_array(weights[part], self.weight_sharding))
             sums += np.asarray(jax.device_get(s), np.float64)
             total += float(n)
         per_position = sums / total

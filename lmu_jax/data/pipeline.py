@@ -1,0 +1,334 @@
+"""Token cache and batches: corpus -> tokenizer -> memmap on disk -> deterministic windows -> jax.Array.
+
+    cache = prepare(cfg.data)                  # process 0: tokenize once (idempotent); others: open_cache
+    batcher = WindowBatcher(cache.tokens("train"), seq_len, global_batch, seed)
+    rows = batcher.local_batch(step, jax.process_index(), jax.process_count())
+    batch = to_global_array(rows, batch_sharding)
+
+Cache layout (``~`` expanded; local paths, since the tokens are memory-mapped)::
+
+    <cache_dir>/<corpus-key>/sentencepiece-<type>-<V>.model   trained tokenizer (sentencepiece only)
+    <cache_dir>/<corpus-key>/<tokenizer-key>/{train,validation[,test]}.bin + meta.json
+
+The corpus key is the corpus name plus a hash of the settings that decide its text
+(``corpora.corpus_identity``); the tokenizer key is ``byte`` or ``sentencepiece-<type>-<V>``. ``meta.json``
+records the format version, the corpus content hash, the tokenizer fingerprint and token/byte counts;
+it is written last, inside a temporary directory that is renamed into place, so a killed ``prepare``
+never leaves a cache that looks complete. A cache whose tokenizer fingerprint differs from the
+tokenizer this run would use is refused.
+
+Batches (the determinism contract): windows are ``seq_len + 1`` tokens at stride ``seq_len``
+(input w[:-1], target w[1:]). Global position j = step * global_batch + i is window
+``perm(epoch)[j % W]`` with epoch = j // W, where perm is numpy's ``Generator(PCG64(SeedSequence([seed,
+epoch]))).permutation(W)``: every window once per epoch, a batch may straddle two epochs, and a
+batch is a pure function of (seed, step) -- resuming needs no replay. The permutation costs O(W)
+time and 8 bytes per window once per epoch (cached); that is fine up to ~1e8 windows. NumPy does not
+promise to keep Generator streams identical across its releases: resume with the same numpy.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import os
+import shutil
+from collections import OrderedDict
+
+import jax
+import numpy as np
+from etils import epath
+
+from lmu_jax.config import DataConfig
+from lmu_jax.data.corpora import DOCUMENT_SEPARATOR, corpus_identity, read_corpus
+from lmu_jax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, token_dtype,
+                                     train_sentencepiece)
+from lmu_jax.errors import UserError, bad_value
+
+FORMAT_VERSION = 1  # bump when the layout or meaning of a cache changes
+META = "meta.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Where things live
+
+
+def cache_root(cfg: DataConfig) -> epath.Path:
+    if "://" in cfg.cache_dir:
+        raise bad_value("data.cache_dir", cfg.cache_dir, "a local directory (token caches are memory-mapped)")
+    return epath.Path(cfg.cache_dir).expanduser()
+
+
+def corpus_key(cfg: DataConfig) -> str:
+    identity = json.dumps(corpus_identity(cfg), sort_keys=True)
+    slug = "".join(c if c.isalnum() or c in "._-" else "_" for c in cfg.corpus)[:48]
+    return f"{slug}-{hashlib.sha256(identity.encode()).hexdigest()[:12]}"
+
+
+def tokenizer_key(cfg: DataConfig) -> str:
+    return "byte" if cfg.tokenizer == "byte" else f"sentencepiece-{cfg.sp_model_type}-{cfg.sp_vocab_size}"
+
+
+def cache_path(cfg: DataConfig) -> epath.Path:
+    return cache_root(cfg) / corpus_key(cfg) / tokenizer_key(cfg)
+
+
+def sentencepiece_path(cfg: DataConfig) -> epath.Path:
+    return cache_root(cfg) / corpus_key(cfg) / f"{tokenizer_key(cfg)}.model"
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+class TokenCache:
+    """A prepared corpus: token memmaps per split plus the facts in meta.json."""
+
+    def __init__(self, path: epath.Path, meta: dict):
+        self.path = path
+        self.meta = meta
+        self.vocab_size: int = meta["tokenizer"]["vocab_size"]
+        self.fingerprint: str = meta["fingerprint"]
+        self.splits: tuple[str, ...] = tuple(meta["splits"])
+        self._dtype = np.dtype(meta["dtype"])
+        self._memmaps: dict[str, np.memmap] = {}
+
+    def tokens(self, split: str) -> np.memmap:
+        if split not in self.splits:
+            raise UserError(f"data cache {self.path} has no {split!r} split; it has {', '.join(self.splits)}")
+        if split not in self._memmaps:
+            self._memmaps[split] = np.memmap(os.fspath(self.path / f"{split}.bin"), dtype=self._dtype, mode="r",
+                                             shape=(self.meta["splits"][split]["tokens"],))
+        return self._memmaps[split]
+
+    def bytes_per_token(self, split: str) -> float:
+        """Text bytes per token (a document separator counts as one byte): bits/byte = bits/token / this."""
+        counts = self.meta["splits"][split]
+        return counts["bytes"] / counts["tokens"]
+
+    def tokenizer(self):
+        """The tokenizer that made this cache (to decode samples)."""
+        if self.meta["tokenizer"]["name"] == "byte":
+            return ByteTokenizer()
+        return SentencePieceTokenizer((self.path.parent / self.meta["tokenizer"]["model_file"]).read_bytes())
+
+    def check_fits(self, cfg: DataConfig) -> None:
+        for split in ("train", "validation"):
+            n = self.meta["splits"][split]["tokens"]
+            if n < cfg.seq_len + 1:
+                raise bad_value("data.seq_len", cfg.seq_len,
+                                f"at most {max(n - 1, 0)}: the {split} split of data.corpus={cfg.corpus!r} has "
+                                f"only {n} tokens, fewer than one window (seq_len + 1)")
+
+
+def prepare(cfg: DataConfig) -> TokenCache:
+    """Make the cache for ``cfg`` if it is missing (training a SentencePiece model first when needed),
+    then open it. Idempotent: an existing, matching cache is opened without reading the corpus."""
+    path = cache_path(cfg)
+    texts = None
+    tokenizer = _existing_tokenizer(cfg)
+    if tokenizer is None:
+        texts = read_corpus(cfg)
+        tokenizer = train_tokenizer(cfg, texts)
+    if not (path / META).exists():
+        texts = texts if texts is not None else read_corpus(cfg)
+        print(f"data: tokenizing {cfg.corpus} ({sum(map(len, texts.values())):,} bytes) with "
+              f"{tokenizer_key(cfg)} into {path}", flush=True)
+        _write_cache(path, cfg, texts, tokenizer)
+    return _open(path, cfg, tokenizer)
+
+
+def open_cache(cfg: DataConfig) -> TokenCache:
+    """Open the cache ``prepare`` made for ``cfg``; UserError when it is missing or does not match."""
+    path = cache_path(cfg)
+    if not (path / META).exists():
+        raise UserError(f"no data cache for data.corpus={cfg.corpus!r} data.tokenizer={cfg.tokenizer!r} at {path}; "
+                        "run `lmu-jax data prepare` with the same config (the trainer does so on process 0)")
+    tokenizer = _existing_tokenizer(cfg)
+    if tokenizer is None:
+        raise UserError(f"data cache {path} needs the tokenizer {sentencepiece_path(cfg)}, which is missing; "
+                        "delete the cache and run `lmu-jax data prepare` again")
+    return _open(path, cfg, tokenizer)
+
+
+def train_tokenizer(cfg: DataConfig, texts: dict[str, bytes] | None = None, force: bool = False):
+    """Train (or, unless ``force``, reuse) the SentencePiece model for ``cfg`` on the train split only."""
+    if cfg.tokenizer != "sentencepiece":
+        raise bad_value("data.tokenizer", cfg.tokenizer, "sentencepiece to train a tokenizer (byte needs none)")
+    path = sentencepiece_path(cfg)
+    if path.exists() and not force:
+        return SentencePieceTokenizer(path.read_bytes())
+    texts = texts if texts is not None else read_corpus(cfg)
+    print(f"data: training a SentencePiece {cfg.sp_model_type} tokenizer ({cfg.sp_vocab_size} pieces) on the "
+          f"train split of {cfg.corpus} ({len(texts['train']):,} bytes) -> {path}", flush=True)
+    model = train_sentencepiece(texts["train"], cfg.sp_vocab_size, cfg.sp_model_type)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    partial.write_bytes(model)
+    partial.rename(path)
+    return SentencePieceTokenizer(model)
+
+
+def _existing_tokenizer(cfg: DataConfig):
+    if cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    path = sentencepiece_path(cfg)
+    return SentencePieceTokenizer(path.read_bytes()) if path.exists() else None
+
+
+def _open(path: epath.Path, cfg: DataConfig, tokenizer) -> TokenCache:
+    meta = json.loads((path / META).read_text())
+    if meta.get("format") != FORMAT_VERSION:
+        raise UserError(f"data cache {path} has format {meta.get('format')}, this version reads {FORMAT_VERSION}; "
+                        "delete it or use another data.cache_dir")
+    made_with = meta["tokenizer"]["fingerprint"]
+    if made_with != tokenizer.fingerprint:
+        raise UserError(f"data cache {path} was made with tokenizer {made_with[:16]}, this run asks for "
+                        f"{tokenizer.fingerprint[:16]}; delete it or use another data.cache_dir")
+    cache = TokenCache(path, meta)
+    cache.check_fits(cfg)
+    return cache
+
+
+def _write_cache(path: epath.Path, cfg: DataConfig, texts: dict[str, bytes], tokenizer) -> None:
+    """Tokenize every split into a temporary sibling directory, then rename it into place."""
+    for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by a killed prepare
+        shutil.rmtree(stale)
+    if path.exists():  # a directory without meta.json is not a cache
+        shutil.rmtree(path)
+    partial = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    partial.mkdir(parents=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    splits = {}
+    for split, text in texts.items():
+        ids = tokenizer.encode(text).astype(dtype, copy=False)
+        with (partial / f"{split}.bin").open("wb") as f:
+            f.write(memoryview(ids))
+        splits[split] = {"tokens": int(ids.size), "bytes": len(text),
+                         "documents": text.count(DOCUMENT_SEPARATOR) + 1}
+    corpus_hash = hashlib.sha256()
+    for split in sorted(texts):
+        corpus_hash.update(f"{split}:{len(texts[split])}:".encode())
+        corpus_hash.update(texts[split])
+    identity = {"format": FORMAT_VERSION, "corpus": corpus_hash.hexdigest(), "tokenizer": tokenizer.fingerprint,
+                "dtype": dtype.name}
+    meta = {
+        "format": FORMAT_VERSION,
+        "fingerprint": hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest(),
+        "corpus": {"name": cfg.corpus, "key": corpus_key(cfg), "settings": corpus_identity(cfg),
+                   "sha256": corpus_hash.hexdigest()},
+        "tokenizer": {"name": tokenizer.name, "vocab_size": tokenizer.vocab_size,
+                      "fingerprint": tokenizer.fingerprint, "eod_id": tokenizer.eod_id,
+                      "pad_id": tokenizer.pad_id,
+                      "model_file": sentencepiece_path(cfg).name if tokenizer.name == "sentencepiece" else None},
+        "dtype": dtype.name,
+        "splits": splits,
+    }
+    (partial / META).write_text(json.dumps(meta, indent=1))
+    partial.rename(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Windows and batches
+
+
+class WindowBatcher:
+    """Global batch ``step`` as a pure function of (seed, step); see the module docstring."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int, seed: int):
+        self.tokens, self.seq_len, self.global_batch, self.seed = tokens, seq_len, global_batch, seed
+        self.windows_per_epoch = (len(tokens) - 1) // seq_len
+        if self.windows_per_epoch < 1:
+            raise bad_value("data.seq_len", seq_len, f"at most {max(len(tokens) - 1, 0)}: the train split has "
+                                                     f"only {len(tokens)} tokens, fewer than one window")
+        if seed < 0:
+            raise bad_value("train.seed", seed, "an int >= 0 (it keys the data order)")
+        self._permutations: OrderedDict[int, np.ndarray] = OrderedDict()  # a few recent epochs
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch not in self._permutations:
+            rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([self.seed, epoch])))
+            self._permutations[epoch] = rng.permutation(self.windows_per_epoch)
+            while len(self._permutations) > 4:
+                self._permutations.popitem(last=False)
+        return self._permutations[epoch]
+
+    def window_ids(self, step: int) -> np.ndarray:
+        """np.int64[global_batch]: the windows (index into the split, stride seq_len) of batch ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        positions = step * self.global_batch + np.arange(self.global_batch, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.windows_per_epoch)
+        ids = np.empty(self.global_batch, np.int64)
+        for epoch in np.unique(epochs):
+            here = epochs == epoch
+            ids[here] = self.permutation(int(epoch))[offsets[here]]
+        return ids
+
+    def windows(self, window_ids: np.ndarray) -> np.ndarray:
+        return gather_windows(self.tokens, window_ids, self.seq_len)
+
+    def local_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        """np.int32[global_batch // process_count, seq_len + 1]: rows [p*local, (p+1)*local) of the batch."""
+        if self.global_batch % process_count:
+            raise bad_value("train.batch_size", self.global_batch, f"a multiple of the process count {process_count}")
+        local = self.global_batch // process_count
+        return self.windows(self.window_ids(step)[process_index * local:(process_index + 1) * local])
+
+
+def gather_windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> np.ndarray:
+    """Window w is tokens[w*seq_len : w*seq_len + seq_len + 1], as int32 rows."""
+    index = np.asarray(window_ids, np.int64)[:, None] * seq_len + np.arange(seq_len + 1)
+    return np.asarray(tokens[index], dtype=np.int32)
+
+
+def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarray:
+    """np.int32[min(count, W), seq_len + 1]: windows spread evenly over the split, the same every time."""
+    available = (len(tokens) - 1) // seq_len
+    if available < 1:
+        raise bad_value("data.seq_len", seq_len, f"at most {max(len(tokens) - 1, 0)}: the validation split has "
+                                                 f"only {len(tokens)} tokens, fewer than one window")
+    n = min(count, available)
+    return gather_windows(tokens, np.arange(n, dtype=np.int64) * available // n, seq_len)
+
+
+def to_global_array(local_rows: np.ndarray, sharding) -> jax.Array:
+    """Assemble the global batch from each process's rows (process p holds rows [p*local, (p+1)*local)).
+
+    That is only the 1-process batch when the devices of process p hold exactly those rows, which is
+    the case for a mesh built from ``jax.devices()`` in order with the batch sharded over its leading
+    axes; other layouts raise instead of silently reordering the data."""
+    count = jax.process_count()
+    global_shape = (local_rows.shape[0] * count, *local_rows.shape[1:])
+    if count > 1:
+        check_rows_line_up(sharding, global_shape, jax.process_index())
+    return jax.make_array_from_process_local_data(sharding, local_rows, global_shape)
+
+
+@functools.lru_cache(maxsize=64)
+def check_rows_line_up(sharding, global_shape: tuple, process_index: int, process_of=None) -> None:
+    """Raise ValueError unless the devices of ``process_index`` (``process_of(device)``, default
+    ``device.process_index``) hold exactly the contiguous rows that process supplies."""
+    process_of = process_of or (lambda device: device.process_index)
+    index_map = sharding.devices_indices_map(global_shape)
+    processes = {process_of(d) for d in index_map}
+    local = global_shape[0] // len(processes)
+    owned = set()
+    for device, index in index_map.items():
+        if process_of(device) == process_index:
+            owned.update(range(*index[0].indices(global_shape[0])))
+    expected = set(range(process_index * local, (process_index + 1) * local))
+    if owned != expected:
+        raise ValueError(f"process {process_index}'s devices hold batch rows {sorted(owned)[:8]}..., not its "
+                         f"slice [{process_index * local}, {(process_index + 1) * local}); build the mesh from "
+                         "jax.devices() in order and shard the batch over the leading mesh axes")
+
+
+def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
+    """Entropy of the token frequencies in bits per token: the loss of the best context-free model,
+    a baseline every trained model must beat."""
+    counts = np.zeros(vocab_size, np.int64)
+    for start in range(0, len(tokens), 1 << 24):  # chunks bound the int64 copy bincount makes
+        counts += np.bincount(np.asarray(tokens[start:start + (1 << 24)]), minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log2(p)).sum())
