@@ -20,6 +20,7 @@ setup(
         "pyyaml",
         "tqdm",
         "etils[epath]",
+        "threadpoolctl",
     ],
     extras_require={
         "tfds": ["tensorflow-datasets>=4.9", "array-record"],

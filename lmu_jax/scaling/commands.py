@@ -1,0 +1,207 @@
+"""``lmu-jax fit``: fit a scaling law to a sweep's tidy table, per family.
+
+    lmu-jax fit TABLE.csv --law chinchilla|kaplan-n|kaplan-d|frontier [--family NAME]
+                [--bootstrap K] [--seed S] [--drop-highest K] [--starts K] [--json OUT]
+
+The table is a CSV with a header. Columns (aliases in brackets, so Epoch's Chinchilla file works):
+``family`` (optional; absent: one family "all"), ``N`` [``Model Size``], ``D``, ``C``
+[``Training FLOP``] and ``val_loss`` [``loss``]. A missing D is C / (6 N); a missing C is 6 N D.
+
+Which points each law uses, per family, after ``--drop-highest K`` removed that family's K
+highest-loss rows:
+- ``chinchilla``: every row, L(N, D) = E + A/N^alpha + B/D^beta;
+- ``kaplan-n``: the lowest-loss row of each distinct N, L(N) = E + A N^-alpha;
+- ``kaplan-d``: the lowest-loss row of each distinct D, L(D) = E + A D^-alpha;
+- ``frontier``: the lower envelope of (C, loss), L(C) = E + A C^-alpha.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+
+import numpy as np
+
+from lmu_jax.errors import UserError, bad_value
+from lmu_jax.scaling.fit import fit_chinchilla, fit_power_law, lower_envelope
+
+LAWS = ("chinchilla", "kaplan-n", "kaplan-d", "frontier")
+COLUMN_ALIASES = {"N": ("N", "Model Size"), "D": ("D",), "C": ("C", "Training FLOP"), "loss": ("val_loss", "loss")}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fit",
+        help="fit a scaling law (Chinchilla L(N, D), Kaplan L(N), L(D), compute frontier) to a CSV table",
+        description=__doc__.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("table", help="CSV with columns family, N, D, C, val_loss (or Model Size, Training FLOP, loss)")
+    parser.add_argument("--law", required=True, help=f"one of {', '.join(LAWS)}")
+    parser.add_argument("--family", help="fit only this family (default: each family in the table)")
+    parser.add_argument("--bootstrap", type=int, default=0, help="resamples for standard errors (0: none)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    parser.add_argument("--drop-highest", type=int, default=0, help="drop each family's K highest-loss rows")
+    parser.add_argument("--starts", type=int, help="run only the K grid starts with the lowest initial objective")
+    parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
+    parser.set_defaults(func=run_fit)
+
+
+def read_table(path: str) -> dict:
+    """The CSV as ``{"family": [...], "N"/"D"/"C"/"loss": float arrays or None when absent}``."""
+    if not os.path.isfile(path):
+        raise bad_value("TABLE", path, "an existing CSV file")
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+        header = list(rows[0].keys()) if rows else []
+    if not rows:
+        raise bad_value("TABLE", path, "a CSV with a header row and at least one data row")
+    table = {"family": [row.get("family") or "all" for row in rows]}
+    for name, aliases in COLUMN_ALIASES.items():
+        column = next((alias for alias in aliases if alias in header), None)
+        table[name] = None if column is None else _numbers(rows, column)
+    if table["loss"] is None or table["N"] is None:
+        raise bad_value("columns", header, "needs val_loss (or loss) and N (or Model Size), plus D and/or C")
+    if table["D"] is None and table["C"] is not None:
+        table["D"] = table["C"] / (6.0 * table["N"])
+    if table["C"] is None and table["D"] is not None:
+        table["C"] = 6.0 * table["N"] * table["D"]
+    return table
+
+
+def _numbers(rows, column) -> np.ndarray:
+    values = []
+    for line, row in enumerate(rows, start=2):  # line 1 is the header
+        try:
+            value = float(row[column])
+        except (TypeError, ValueError):
+            value = math.nan
+        if not (math.isfinite(value) and value > 0):
+            raise bad_value(f"{column} (line {line})", row[column], "a finite number > 0")
+        values.append(value)
+    return np.array(values)
+
+
+def points_for_law(law: str, N, D, C, loss) -> tuple[np.ndarray, str]:
+    """Indices of the rows the law is fitted to, and a few words saying which they are."""
+    if law == "chinchilla":
+        return np.arange(len(loss)), "all rows"
+    if law == "frontier":
+        return lower_envelope(C, loss), "lower envelope of (C, loss)"
+    by = N if law == "kaplan-n" else D
+    best = {}
+    for i in np.argsort(loss, kind="stable")[::-1]:  # lowest loss written last, so it stays
+        best[by[i]] = i
+    return np.array(sorted(best.values())), f"lowest loss per distinct {'N' if law == 'kaplan-n' else 'D'}"
+
+
+def fit_family(law, N, D, C, loss, *, bootstrap, seed, max_starts):
+    """The fit for one family's rows (already selected by ``points_for_law``)."""
+    options = dict(bootstrap=bootstrap, seed=seed, max_starts=max_starts)
+    if law == "chinchilla":
+        return fit_chinchilla(N, D, loss, **options)
+    x = {"kaplan-n": N, "kaplan-d": D, "frontier": C}[law]
+    return fit_power_law(x, loss, **options)
+
+
+def run_fit(args) -> int:
+    if args.law not in LAWS:
+        raise bad_value("--law", args.law, f"one of {', '.join(LAWS)}")
+    for name in ("bootstrap", "drop_highest"):
+        if getattr(args, name) < 0:
+            raise bad_value(f"--{name.replace('_', '-')}", getattr(args, name), "an integer >= 0")
+    if args.starts is not None and args.starts < 1:
+        raise bad_value("--starts", args.starts, "an integer >= 1 (default: every grid start)")
+    table = read_table(args.table)
+    needed = {"chinchilla": "D", "kaplan-d": "D", "frontier": "C"}.get(args.law)
+    if needed and table[needed] is None:
+        raise bad_value("columns", "no D and no C", f"--law {args.law} needs D or C (with N)")
+    families = list(dict.fromkeys(table["family"]))
+    if args.family is not None:
+        if args.family not in families:
+            raise bad_value("--family", args.family, f"one of {', '.join(families)}")
+        families = [args.family]
+
+    results = []
+    for family in families:
+        rows = np.flatnonzero(np.array(table["family"]) == family)
+        n_rows = len(rows)
+        if args.drop_highest:
+            rows = np.sort(rows[np.argsort(table["loss"][rows], kind="stable")[: max(n_rows - args.drop_highest, 0)]])
+        columns = {name: (None if table[name] is None else table[name][rows]) for name in ("N", "D", "C", "loss")}
+        chosen, which = points_for_law(args.law, **columns)
+        picked = {name: (None if values is None else values[chosen]) for name, values in columns.items()}
+        try:
+            fit = fit_family(args.law, **picked, bootstrap=args.bootstrap, seed=args.seed, max_starts=args.starts)
+        except UserError as err:
+            raise UserError(f"family {family!r}: {err}") from None
+        results.append(
+            {
+                "family": family,
+                "law": args.law,
+                "rows": n_rows,
+                "dropped_highest": min(args.drop_highest, n_rows),
+                "points": len(chosen),
+                "points_used": which,
+                "constants": fit.params,
+                "stderr": fit.stderr,
+                "ci": fit.ci,
+                "objective": fit.objective,
+                "converged": fit.converged,
+                "message": fit.message,
+                "grad_norm": fit.grad_norm,
+                "starts": fit.n_starts,
+                "starts_agree": fit.n_starts_agree,
+                "bootstrap": args.bootstrap,
+                "seed": args.seed,
+                **({"a": fit.a, "b": fit.b} if args.law == "chinchilla" else {"x_c": fit.x_c}),
+            }
+        )
+    print(format_results(results))
+    if args.json_out:
+        with open(args.json_out, "w") as handle:
+            json.dump(_plain(results), handle, indent=2)
+            handle.write("\n")
+    return 0
+
+
+def _plain(value):
+    """JSON-ready copy: numpy scalars as Python numbers, NaN (no bootstrap) as null."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    if isinstance(value, (float, np.floating)):
+        return None if math.isnan(value) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def format_results(results) -> str:
+    """One block per family: which points, each constant ± bootstrap stderr, convergence."""
+    lines = []
+    for result in results:
+        dropped = f", {result['dropped_highest']} highest-loss dropped" if result["dropped_highest"] else ""
+        lines.append(
+            f"{result['family']}: {result['law']} on {result['points']} points "
+            f"({result['points_used']}; {result['rows']} rows{dropped})"
+        )
+        for name, value in result["constants"].items():
+            stderr = result["stderr"][name]
+            error = "" if math.isnan(stderr) else f" ± {stderr:.4g}"
+            lines.append(f"  {name:>6} = {value:.6g}{error}")
+        if "a" in result:
+            stderr = result["stderr"].get("a", math.nan)
+            error = "" if math.isnan(stderr) else f" ± {stderr:.4f}"
+            lines.append(f"  a = beta/(alpha+beta) = {result['a']:.4f}{error} (N_opt ∝ C^a), b = {result['b']:.4f}")
+        status = "converged" if result["converged"] else "NOT CONVERGED"
+        lines.append(
+            f"  objective {result['objective']:.6g}, {status} ({result['message']}), |grad| {result['grad_norm']:.2g}, "
+            f"{result['starts_agree']}/{result['starts']} starts agree"
+            + (f", bootstrap {result['bootstrap']} (seed {result['seed']})" if result["bootstrap"] else "")
+        )
+    return "\n".join(lines)
