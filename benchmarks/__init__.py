@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks; each module writes JSON + a markdown table to benchmarks/results/."""
