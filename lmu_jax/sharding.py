@@ -27,8 +27,8 @@ LOGICAL_RULES = (
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
-    ("order", None),
-    ("order_reduced", None),  # the LMU's L_i (q' x q) and readout p: tiny, replicated
+    ("order", "fsdp"),  # the LMU L_i (q' x q) split over q when q divides: tiny, but not left whole
+    ("order_reduced", None),  # the LMU's q' rows of L_i and its readout p: tiny, replicated
     ("position", None),
     ("norm", None),
     ("layers", None),

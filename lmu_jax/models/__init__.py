@@ -22,9 +22,13 @@ class Family:
     build: Callable[[ModelConfig], nn.Module]  # resolved config -> linen module
     forward_flops_per_token: Callable[[ModelConfig, int], float]  # (cfg, seq_len) -> analytic forward FLOPs
     description: str = ""
+    # Families with carried state (Transformer-XL memory, QRNN cells): (cfg, batch, evaluation=False) -> a
+    # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
+    # argument and returns (logits, new_state). None: stateless.
+    initial_state: Callable | None = None
 
 
-_FAMILY_MODULES = ["transformer"]
+_FAMILY_MODULES = ["transformer", "lmu", "lstm", "transformer_xl", "qrnn", "multiscale"]
 
 
 def _load() -> dict[str, Family]:
