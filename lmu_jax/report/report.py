@@ -1,0 +1,404 @@
+"""`lmu-jax report SWEEP_DIR`: fits, the comparisons the papers make, figures, report.md + report.html.
+
+What it fits (every fit uses final validation losses of horizon-matched runs only, the valid (N, D)
+points of specs/scaling_and_frameworks.md §2.5, and the report lists the runs each fit used):
+
+- L(N) per family and *token* budget (every run sees the same D, the LMU paper's setting):
+  ``fit_power_law(N, loss)``, E fitted with >= 4 sizes, else Kaplan's pure form (E = 0) with 3. The
+  runs of one FLOP budget form an isoFLOP profile, which is not a power law in N: drawn, not fitted;
+- L(C) per family: the compute frontier (lower envelope of the best run per FLOP budget and the runs
+  of token budgets) and a power law fitted to it, when the envelope has >= 3 points;
+- L(N, D) per family: ``fit_chinchilla`` when the family has >= 6 runs at several N and D; its
+  D -> infinity limit E + A/N^alpha is drawn on the L(N) figure.
+
+Comparisons (``lmu_jax.scaling.compare``): loss at equal FLOPs per budget; data efficiency (the
+tokens one family needs to reach another's final loss at the same N: the LMU paper's "10x");
+per-position loss (Fig. 4); and the LMU paper's published fits as reference lines.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lmu_jax.errors import UserError
+from lmu_jax.report import plots
+from lmu_jax.report.runs import budgets_in_order, load_results
+
+DEFAULT_BOOTSTRAP = 200
+
+
+# ------------------------------------------------------------------------------------------- fits
+
+
+def _fit_entry(kind, family, scope, runs, attempt):
+    """Run one fit; a fit the points cannot support becomes a row saying why, not an exception."""
+    entry = {"kind": kind, "family": family, "scope": scope, "run_ids": [r.row["run_id"] for r in runs],
+             "fit": None, "reason": ""}
+    try:
+        entry["fit"] = attempt()
+    except UserError as err:
+        entry["reason"] = str(err)
+    return entry
+
+
+def frontier_candidates(runs) -> list:
+    """Runs that can sit on a compute frontier: the best of each FLOP budget (the others of that budget
+    cost the same up to step rounding, so they are no separate compute points), and every run of a
+    token budget (whose runs differ in compute)."""
+    best: dict = {}
+    for r in runs:
+        if r.row["budget_kind"] == "tokens":
+            best[r.row["run_id"]] = r
+        elif r.budget_key not in best or r.val_loss < best[r.budget_key].val_loss:
+            best[r.budget_key] = r
+    return sorted(best.values(), key=lambda r: r.C)
+
+
+def fit_sweep(results, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None) -> dict:
+    """Every fit the sweep's points support, per family; see the module docstring for which and why.
+
+    ``chinchilla_grid``: starts for ``fit_chinchilla`` (default: its own, Hoffmann's 4500 starts, about
+    10 s per family on one CPU core).
+    """
+    from lmu_jax.scaling.fit import fit_chinchilla, fit_power_law, frontier, lower_envelope
+
+    by_family: dict = {}
+    for r in results:
+        by_family.setdefault(r.family, []).append(r)
+    l_of_n, l_of_c, l_of_nd, frontiers = [], [], [], {}
+    for family, runs in by_family.items():
+        # L(N) at a fixed token budget (the LMU paper's setting). At a fixed FLOP budget the runs form an
+        # isoFLOP profile, E + A/N^alpha + B (6N/C)^beta, which is no power law in N: not fitted.
+        for budget in budgets_in_order(r for r in runs if r.row["budget_kind"] == "tokens"):
+            points = sorted((r for r in runs if r.budget_key == budget), key=lambda r: r.N)
+            if len({r.N for r in points}) < 3:
+                continue
+            free_E = len(points) >= 4
+            entry = _fit_entry(
+                "L(N)" if free_E else "L(N), E = 0", family, budget, points,
+                lambda: fit_power_law([r.N for r in points], [r.val_loss for r in points],
+                                      E=None if free_E else 0.0, bootstrap=bootstrap))
+            entry["N"] = [r.N for r in points]
+            l_of_n.append(entry)
+
+        candidates = frontier_candidates(runs)
+        compute = np.array([r.C for r in candidates])
+        loss = np.array([r.val_loss for r in candidates])
+        envelope = lower_envelope(compute, loss)
+        front = {"C": compute[envelope], "loss": loss[envelope], "fit": None}
+        frontiers[family] = front
+        if len(envelope) >= 3:
+            free_E = len(envelope) >= 4
+            entry = _fit_entry("L(C) frontier" if free_E else "L(C) frontier, E = 0", family, "frontier runs",
+                               [candidates[i] for i in envelope],
+                               lambda: frontier(compute, loss, E=None if free_E else 0.0, bootstrap=bootstrap).fit)
+            front["fit"] = entry["fit"]
+            l_of_c.append(entry)
+
+        if len({r.N for r in runs}) >= 2 and len({r.D for r in runs}) >= 2 and len(runs) >= 6:
+            entry = _fit_entry("L(N, D)", family, "all runs", runs,
+                               lambda: fit_chinchilla([r.N for r in runs], [r.D for r in runs],
+                                                      [r.val_loss for r in runs], grid=chinchilla_grid,
+                                                      bootstrap=bootstrap))
+            entry["N"] = [r.N for r in runs]
+            l_of_nd.append(entry)
+    return {"L(N)": l_of_n, "L(C)": l_of_c, "L(N, D)": l_of_nd, "frontiers": frontiers}
+
+
+# ------------------------------------------------------------------------------------ comparisons
+
+
+def _ladder_size(r):
+    return r.row["size"] or r.N  # the ladder target, or N for runs collected without plan.json
+
+
+def equal_flops_table(results) -> list[dict]:
+    """Per budget and ladder size: each family's validation loss at exactly the same training FLOPs.
+
+    The runs of a budget differ in FLOPs only by the rounding of their steps (<= 0.5/steps); each run's
+    validation curve is read at C* = the smallest final C of the group (``compare.loss_at_compute``,
+    log-log between evaluations), which removes that difference. A "best" row gives each family's
+    lowest loss at C* over its sizes.
+    """
+    from lmu_jax.scaling.compare import loss_at_compute
+
+    rows = []
+    for budget in budgets_in_order(results):
+        runs = [r for r in results if r.budget_key == budget]
+        c_star = min(r.C for r in runs)
+        at_c = {id(r): float(loss_at_compute(r.eval_flops, r.eval_loss, [c_star])[0]) for r in runs}
+        for size in sorted({_ladder_size(r) for r in runs}):
+            row = {"budget": budget, "C": c_star, "size": size, "loss": {}, "N": {}}
+            for r in runs:
+                if _ladder_size(r) == size:
+                    row["loss"][r.family], row["N"][r.family] = at_c[id(r)], r.N
+            rows.append(row)
+        best = {"budget": budget, "C": c_star, "size": "best", "loss": {}, "N": {}}
+        for r in runs:
+            if math.isfinite(at_c[id(r)]) and at_c[id(r)] < best["loss"].get(r.family, math.inf):
+                best["loss"][r.family], best["N"][r.family] = at_c[id(r)], r.N
+        rows.append(best)
+    return rows
+
+
+def data_efficiency_table(results) -> list[dict]:
+    """For each budget, ladder size and ordered pair of families (X, Y): tokens X needs to reach Y's loss.
+
+    ``compare.data_efficiency`` on the validation curves (evaluations during training and the final
+    one): the target is Y's final validation loss, X's tokens come from log-log interpolation of its
+    curve. ratio = D_Y / D_X > 1 means X is more data-efficient (the LMU paper's "10x": the LMU at 13B
+    tokens matches the transformer at 130B).
+    """
+    from lmu_jax.scaling.compare import data_efficiency
+
+    rows = []
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r.budget_key, _ladder_size(r)), []).append(r)
+    budget_rank = {b: i for i, b in enumerate(budgets_in_order(results))}
+    for (budget, size), runs in sorted(groups.items(), key=lambda kv: (budget_rank[kv[0][0]], kv[0][1])):
+        for x in runs:
+            for y in runs:
+                if x.family == y.family:
+                    continue
+                result = data_efficiency(x.eval_tokens, x.eval_loss, y.eval_tokens, y.eval_loss)
+                rows.append({"budget": budget, "size": size, "x": x.family, "y": y.family, "N_x": x.N, "N_y": y.N,
+                             "target": result.target_loss, "tokens_x": result.tokens_x, "tokens_y": result.tokens_y,
+                             "ratio": result.ratio, "reason": result.reason})
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _fmt(value, digits=4) -> str:
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, np.integer)):
+        return f"{value:,}"
+    if not math.isfinite(value):
+        return "–"
+    return f"{value:.{digits}g}"
+
+
+def _pm(fit, name) -> str:
+    value, err = getattr(fit, name), fit.stderr.get(name, float("nan"))
+    return f"{value:.4g} ± {err:.2g}" if math.isfinite(err) else f"{value:.4g}"
+
+
+def fit_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["fit", "family", "points", "E", "A", "alpha", "B", "beta", "converged", "objective", "runs used"]
+    rows = []
+    for kind in ("L(N)", "L(C)", "L(N, D)"):
+        for entry in fits[kind]:
+            fit = entry["fit"]
+            used = f"{len(entry['run_ids'])} ({entry['scope']}): " + ", ".join(entry["run_ids"])
+            if fit is None:
+                rows.append([entry["kind"], entry["family"], str(len(entry["run_ids"])), "not fitted: " + entry["reason"],
+                             "", "", "", "", "", "", used])
+                continue
+            chinchilla = hasattr(fit, "beta")
+            rows.append([entry["kind"], entry["family"], str(fit.n_points), _pm(fit, "E"), _pm(fit, "A"),
+                         _pm(fit, "alpha"), _pm(fit, "B") if chinchilla else "", _pm(fit, "beta") if chinchilla else "",
+                         "yes" if fit.converged else f"NO ({fit.message})", f"{fit.objective:.3g}", used])
+    return header, rows
+
+
+def runs_rows(results) -> tuple[list[str], list[list[str]]]:
+    header = ["run", "family", "N", "N total", "D (tokens)", "C (FLOPs)", "C_6N", "steps", "budget",
+              "train loss", "val loss", "bits/byte"]
+    rows = [[r.row["run_id"], r.family, _fmt(r.N), _fmt(int(r.row["N_total"])), _fmt(r.D), _fmt(r.C, 3),
+             _fmt(r.row["C_6N"], 3), _fmt(int(r.row["steps"])), r.budget_key, _fmt(r.row["train_loss"]),
+             _fmt(r.val_loss), _fmt(r.row["bits_per_byte"])]
+            for r in sorted(results, key=lambda r: (r.budget_key, r.family, r.N))]
+    return header, rows
+
+
+def equal_flops_rows(table, families) -> tuple[list[str], list[list[str]]]:
+    header = ["budget", "C*", "size"] + [plots.label(f) for f in families]
+    rows = []
+    for row in table:
+        cells = [f"{_fmt(row['loss'][f])} (N={row['N'][f]:,})" if f in row["loss"] else "" for f in families]
+        rows.append([row["budget"], _fmt(row["C"], 3), _fmt(row["size"])] + cells)
+    return header, rows
+
+
+def efficiency_rows(table) -> tuple[list[str], list[list[str]]]:
+    header = ["budget", "size", "family X", "reaches the final loss of Y", "target loss", "tokens X needed",
+              "tokens Y used", "data efficiency of X over Y"]
+    rows = [[row["budget"], _fmt(row["size"]), plots.label(row["x"]), plots.label(row["y"]),
+             f"{row['target']:.4f}", _fmt(row["tokens_x"], 3) if math.isfinite(row["tokens_x"]) else row["reason"],
+             _fmt(row["tokens_y"], 3), f"{row['ratio']:.2f}×" if math.isfinite(row["ratio"]) else "–"]
+            for row in table]
+    return header, rows
+
+
+def reference_rows(results) -> tuple[list[str], list[list[str]]]:
+    from lmu_jax.scaling.laws import LMU_PAPER_FITS
+
+    header = ["N (non-emb.)"] + [plots.PAPER_CURVES[k][0] for k in plots.PAPER_CURVES]
+    sizes = sorted({int(_ladder_size(r)) for r in results} | {55_000, 1_000_000})
+    rows = [[f"{n:,}"] + [f"{float(LMU_PAPER_FITS[k](n)):.3f}" for k in plots.PAPER_CURVES] for n in sizes]
+    return header, rows
+
+
+def markdown_table(header, rows) -> str:
+    escape = lambda cell: str(cell).replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(map(escape, header)) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(escape, row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def html_table(header, rows) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 6px;
+text-align:right}th{background:#f3f3f3}td:first-child,td:nth-child(2){text-align:left}
+img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}.note{color:#555}"""
+
+
+def build_report(sweep_dir, *, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None) -> dict:
+    """Write report.md, report.html and the figures (PNG + SVG) into ``<sweep_dir>/report``."""
+    sweep_dir = Path(sweep_dir)
+    results, collected = load_results(sweep_dir)
+    if not results:
+        raise UserError(f"SWEEP_DIR={str(sweep_dir)!r} has no finished runs to report "
+                        f"({len(collected['missing'])} unfinished); run `lmu-jax sweep run SPEC` first")
+    out = sweep_dir / "report"
+    spec = yaml.safe_load((sweep_dir / "spec.yaml").read_text()) if (sweep_dir / "spec.yaml").exists() else {}
+    families = list(dict.fromkeys(r.family for r in sorted(results, key=lambda r: _family_order(spec, r.family))))
+    fits = fit_sweep(results, bootstrap=bootstrap, chinchilla_grid=chinchilla_grid)
+    figures = {
+        "loss_vs_tokens": plots.loss_vs_tokens(results, out),
+        "loss_vs_flops": plots.loss_vs_flops(results, fits["frontiers"], out),
+        "loss_vs_params": plots.loss_vs_params(results, [e for e in fits["L(N)"] + fits["L(N, D)"]
+                                                         if e["fit"] is not None], out),
+        "per_position": plots.per_position(results, out),
+    }
+    sections = build_sections(spec, results, collected, fits, families, bootstrap)
+    md_path, html_path = out / "report.md", out / "report.html"
+    md_path.write_text(render_markdown(sections))
+    html_path.write_text(render_html(sections, spec.get("name", sweep_dir.name)))
+    return {"markdown": md_path, "html": html_path, "figures": figures, "fits": fits, "results": results}
+
+
+def _family_order(spec, family):
+    order = list(spec.get("families") or [])
+    return order.index(family) if family in order else len(order)
+
+
+def build_sections(spec, results, collected, fits, families, bootstrap) -> list[tuple]:
+    """The report as a list of (kind, payload): ("h", title), ("p", text), ("table", (header, rows)),
+    ("figure", (stem, caption)); rendered to markdown and HTML by the functions below."""
+    first = results[0].row
+    data = (spec.get("base") or {}).get("data") or {}
+    s = [("h1", f"Sweep report: {spec.get('name', '')}".strip())]
+    if spec.get("description"):
+        s.append(("p", spec["description"]))
+    s.append(("p", f"{len(results)} finished runs of {', '.join(plots.label(f) for f in families)}; "
+                   f"corpus {data.get('corpus', 'default')}, tokenizer {data.get('tokenizer', 'byte')}, "
+                   f"sequence length {first['seq_len']}, batch {first['batch_size']} sequences, "
+                   f"schedule {first['schedule']} ending at each run's own horizon. "
+                   f"Written {time.strftime('%Y-%m-%d %H:%M')}."))
+    if collected["missing"]:
+        s.append(("p", f"Not finished (left out of everything below): {', '.join(collected['missing'])}."))
+    s.append(("h2", "Conventions"))
+    s.append(("p", "FLOPs (C): " + plots.FLOP_CONVENTION + ". C_6N is Kaplan's 6·N·D, given beside it. "
+                   "Runs of one budget were planned at matched C (their C differ only by the rounding of steps). "
+                   "N counts non-embedding parameters (token embeddings, untied heads and position tables "
+                   "excluded). Losses are nats per token on the fixed validation windows; bits per byte beside "
+                   "them. Train loss is the mean minibatch loss of the last 10 steps."))
+    s.append(("h2", "Runs"))
+    s.append(("table", runs_rows(results)))
+    s.append(("p", "The same table, unrounded: results.csv in the sweep directory (per-position losses: "
+                   "per_position.json); `lmu-jax fit <sweep dir>/results.csv --law chinchilla|frontier|kaplan-n` "
+                   "refits it."))
+    s.append(("h2", "Loss at equal FLOPs"))
+    s.append(("p", "Validation loss of each family at the same training FLOPs C*, per ladder size (each family's "
+                   "own N in brackets), and each family's best size. The runs of a budget differ in C only by the "
+                   "rounding of steps; C* is the smallest of them and each run's validation curve is read there "
+                   "(log-log interpolation, lmu_jax.scaling.compare.loss_at_compute)."))
+    s.append(("table", equal_flops_rows(equal_flops_table(results), families)))
+    s.append(("h2", "Data efficiency"))
+    s.append(("p", "Tokens family X needed to reach family Y's final validation loss at the same ladder size and "
+                   "budget, read off X's validation curve (evaluations during training, log-log interpolation; "
+                   "lmu_jax.scaling.compare.data_efficiency), against the tokens Y used. Above 1×: X is more "
+                   "data-efficient. The LMU paper's claim is that the LMU at 13 B tokens matches the transformer at "
+                   "130 B (10×). At matched FLOPs the families see different token counts; evaluations before the "
+                   "end of a run are not horizon-matched (the learning rate has not decayed yet), so a ratio read "
+                   "there understates X's efficiency. Where no ratio can be read, the table says why."))
+    s.append(("table", efficiency_rows(data_efficiency_table(results))))
+    s.append(("h2", "Fits"))
+    s.append(("p", f"Huber (δ = 1e-3) on log residuals, summed, L-BFGS-B from a grid, polished and restarted "
+                   f"(lmu_jax.scaling.fit); ± is the bootstrap standard error over runs ({bootstrap} resamples). "
+                   "Only final losses of horizon-matched runs are used; the last column lists them. With as few "
+                   "points as a small sweep has, the constants are descriptive, not predictions."))
+    header, rows = fit_rows(fits)
+    if rows:
+        s.append(("table", (header, rows)))
+    else:
+        s.append(("p", "No fits: no family has 3 sizes at one token budget (L(N)), 3 compute-frontier points "
+                       "from several budgets (L(C)) or 6 runs at several N and D (L(N, D)). A single FLOP "
+                       "budget gives an isoFLOP profile per family, compared above and drawn in the L(N) figure."))
+    s.append(("h2", "Figures"))
+    s.append(("figure", ("loss_vs_tokens", "Loss vs training tokens per family and size (log-log).")))
+    s.append(("figure", ("loss_vs_flops", "Loss vs training FLOPs: curves, final points, each family's frontier "
+                                          "and its fitted law.")))
+    s.append(("figure", ("loss_vs_params", "L(N): final validation loss vs non-embedding parameters with fits; "
+                                           "right: the LMU paper's published fits, reference shapes only.")))
+    s.append(("figure", ("per_position", "Validation loss by position in the context (LMU paper Fig. 4).")))
+    s.append(("h2", "Published reference fits (LMU paper, Sec. 5)"))
+    s.append(("p", "Chilkuri et al. 2021 fitted L(N) on OpenWebText2 with the GPT-2 BPE vocabulary (50,257 tokens), "
+                   "sequence 1024, 25k steps of 512 sequences; the transformer and LSTM curves are Kaplan et al.'s "
+                   "WebText2 fits. Their losses are nats per BPE token: reference shapes, not comparable in level "
+                   "with this sweep's byte-level losses. Values at this sweep's N and the paper's range:"))
+    s.append(("table", reference_rows(results)))
+    return s
+
+
+def render_markdown(sections) -> str:
+    out = []
+    for kind, payload in sections:
+        if kind == "h1":
+            out.append(f"# {payload}")
+        elif kind == "h2":
+            out.append(f"## {payload}")
+        elif kind == "p":
+            out.append(payload)
+        elif kind == "table":
+            out.append(markdown_table(*payload))
+        elif kind == "figure":
+            stem, caption = payload
+            out.append(f"![{caption}]({stem}.png)\n\n*{caption}* ([SVG]({stem}.svg))")
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(sections, title) -> str:
+    body = []
+    for kind, payload in sections:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(payload)}</{kind}>")
+        elif kind == "p":  # `command` in the text -> <code>
+            body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(payload)) + "</p>")
+        elif kind == "table":
+            body.append(html_table(*payload))
+        elif kind == "figure":
+            stem, caption = payload
+            body.append(f'<figure><img src="{stem}.svg" alt="{html.escape(caption)}">'
+                        f'<figcaption class="note">{html.escape(caption)} (<a href="{stem}.png">PNG</a>)'
+                        "</figcaption></figure>")
+    return (f"<!doctype html>\n<html><head><meta charset='utf-8'><title>{html.escape(str(title))}</title>"
+            f"<style>{CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")

@@ -1,0 +1,113 @@
+"""Turn a sweep directory's finished runs into one tidy table (CSV) and per-position losses (JSON).
+
+Columns of ``results.csv`` (one row per finished run):
+
+    run_id, family, size (ladder target), N (non-embedding params), N_total, D (training tokens),
+    C (training FLOPs, our convention: 3 x analytic forward per token, `lmu_jax.flops`), C_6N (6 N D,
+    Kaplan's), budget_kind, budget, steps, seq_len, batch_size, schedule, train_loss, val_loss,
+    bits_per_token, bits_per_byte, curve (path of metrics.jsonl), run_dir
+
+``train_loss`` is the mean minibatch loss of the last ``TRAIN_LOSS_TAIL`` logged steps (one
+minibatch is noisy); ``val_loss`` is the final evaluation (nats per token on the fixed validation
+windows). Every row is a horizon-matched run (the sweep refuses schedules that do not end at the run's
+own horizon), so every row is a valid (N, D) point for fitting.
+
+Run information comes from each run's own files (config.yaml, eval.json, metrics.jsonl); plan.json
+adds the ladder target and budget when the sweep directory has one, so a directory of runs copied
+from elsewhere still collects.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import yaml
+
+from lmu_jax.errors import UserError
+from lmu_jax.sweep.runner import SweepDir, run_status
+
+COLUMNS = ("run_id", "family", "size", "N", "N_total", "D", "C", "C_6N", "budget_kind", "budget", "steps",
+           "seq_len", "batch_size", "schedule", "train_loss", "val_loss", "bits_per_token", "bits_per_byte",
+           "curve", "run_dir")
+TRAIN_LOSS_TAIL = 10
+
+
+def read_metrics(path) -> list[dict]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill; the trainer trims it on resume
+    return records
+
+
+def run_row(run_dir: Path, planned: dict | None) -> dict:
+    """The CSV row of one finished run directory."""
+    evaluation = json.loads((run_dir / "eval.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    train = [r["loss"] for r in metrics if r.get("kind") == "train"]
+    tail = train[-TRAIN_LOSS_TAIL:]
+    params = evaluation["params"]
+    tokens = int(evaluation["tokens"])
+    planned = planned or {}
+    return {
+        "run_id": evaluation.get("run_id", run_dir.name),
+        "family": evaluation["family"],
+        "size": planned.get("size", ""),
+        "N": int(params["non_embedding"]),
+        "N_total": int(params["total"]),
+        "D": tokens,
+        "C": float(evaluation["flops_model"]),
+        "C_6N": 6.0 * params["non_embedding"] * tokens,
+        "budget_kind": planned.get("budget_kind", ""),
+        "budget": planned.get("budget", ""),
+        "steps": int(evaluation["step"]),
+        "seq_len": config["data"]["seq_len"],
+        "batch_size": config["train"]["batch_size"],
+        "schedule": config["optim"]["schedule"],
+        "train_loss": sum(tail) / len(tail) if tail else float("nan"),
+        "val_loss": float(evaluation["loss"]),
+        "bits_per_token": float(evaluation["bits_per_token"]),
+        "bits_per_byte": float(evaluation["bits_per_byte"]),
+        "curve": str(run_dir / "metrics.jsonl"),
+        "run_dir": str(run_dir),
+    }
+
+
+def collect(sweep_dir) -> dict:
+    """Rows of every finished run, their per-position losses, and the ids of unfinished runs.
+
+    Writes ``results.csv`` and ``per_position.json`` into the sweep directory and returns
+    ``{"rows": [...], "per_position": {...}, "missing": [run ids], "csv": path, "json": path}``.
+    """
+    sweep = SweepDir(sweep_dir)
+    if not sweep.runs.is_dir():
+        raise UserError(f"SWEEP_DIR={str(sweep.path)!r} is invalid: it has no runs/ directory "
+                        "(run `lmu-jax sweep run SPEC` first)")
+    planned = {p["run_id"]: p for p in sweep.read_plan()}
+    run_ids = list(planned) + sorted(p.name for p in sweep.runs.iterdir() if p.is_dir() and p.name not in planned)
+    rows, per_position, missing = [], {}, []
+    for rid in run_ids:
+        run_dir = sweep.run_dir(rid)
+        if run_status(sweep, rid).state != "done" or not (run_dir / "eval.json").exists():
+            missing.append(rid)
+            continue
+        row = run_row(run_dir, planned.get(rid))
+        rows.append(row)
+        evaluation = json.loads((run_dir / "eval.json").read_text())
+        per_position[rid] = {"family": row["family"], "N": row["N"], "D": row["D"], "C": row["C"],
+                             "val_loss": row["val_loss"], "per_position_loss": evaluation["per_position_loss"]}
+    csv_path = sweep.path / "results.csv"
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    json_path = sweep.path / "per_position.json"
+    json_path.write_text(json.dumps(per_position, indent=1) + "\n")
+    return {"rows": rows, "per_position": per_position, "missing": missing, "csv": csv_path, "json": json_path}
