@@ -11,6 +11,7 @@ the field (``train.steps``), the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -132,6 +133,8 @@ class MeshConfig:
 
     def validate(self) -> None:
         sizes = (self.data, self.fsdp, self.tensor)
+        if not 0.0 <= self.sharding_tolerance <= 1.0:
+            raise bad_value("mesh.sharding_tolerance", self.sharding_tolerance, "a fraction in [0, 1]")
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise bad_value("mesh", dict(data=self.data, fsdp=self.fsdp, tensor=self.tensor),
                             "positive sizes, at most one of them -1 (fill)")
@@ -242,9 +245,9 @@ def _coerce(path: str, value: Any, annotation) -> Any:
             return int(value)  # 1e6 in YAML
         raise bad_value(path, value, "an integer")
     if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
-        raise bad_value(path, value, "a number")
+        raise bad_value(path, value, "a finite number")
     if annotation is str:
         if isinstance(value, str):
             return value
@@ -299,7 +302,10 @@ def config_from_dict(raw: dict) -> RunConfig:
         if name == "model":
             if not isinstance(values, dict):
                 raise bad_value("model", values, "a mapping of keys to values")
-            cls = _model_config_class(values.get("family", ModelConfig.family))
+            family = values.get("family", ModelConfig.family)
+            if not isinstance(family, str):
+                raise bad_value("model.family", family, "a family name (lmu-jax flops --list)")
+            cls = _model_config_class(family)
         else:
             cls = typing.get_type_hints(RunConfig)[name]
         kwargs[name] = build_section(cls, values, name)

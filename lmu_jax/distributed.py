@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 
 import jax
+import numpy as np
 from jax.experimental import multihost_utils
 
 from lmu_jax.errors import UserError
@@ -59,6 +60,13 @@ def is_main_process() -> bool:
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def all_processes(flag: bool) -> bool:
+    """True on every process when ``flag`` is true on every process (a decision all must share)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.all(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def broadcast_from_main(value):

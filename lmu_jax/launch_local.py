@@ -3,14 +3,23 @@
     python -m lmu_jax.launch_local --processes 2 --devices-per-process 4 -- train --config c.yaml
 
 Each process gets ``LMU_JAX_COORDINATOR=127.0.0.1:<port>``, its ``LMU_JAX_PROCESS_ID`` and
-``--xla_force_host_platform_device_count``. Output of process i goes to stdout prefixed ``[i]``.
-When one process fails, the others are given ``--grace`` seconds and then stopped: no hang.
+``--xla_force_host_platform_device_count``. Output of process i goes to stdout prefixed ``[i]``; the
+launcher's own lines are prefixed ``[launch]`` (each process's pid first).
+
+When one process fails, the others normally stop by themselves: a collective with a dead peer fails,
+or jax's coordination service misses its heartbeats for ``distributed.timeout_s`` and terminates
+them. Whatever is left is stopped after ``--grace`` seconds: no hang. The launcher then says in one
+line which process failed first and how (the survivors' own messages often only say that a peer is
+gone), and exits with that process's code (128 + signal number for a signal).
+
+SIGTERM to the launcher is passed on to every process (preemption: the run checkpoints and stops).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -44,24 +53,58 @@ def launch(command: list[str], processes: int, devices_per_process: int, grace: 
         )
         proc = subprocess.Popen([sys.executable, "-m", "lmu_jax.cli", *command], env=proc_env,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        print(f"[launch] process {index}: pid {proc.pid}", flush=True)
         pump = threading.Thread(target=_pump, args=(proc.stdout, f"[{index}] ", sys.stdout), daemon=True)
         pump.start()
         procs.append(proc)
         pumps.append(pump)
-    failed_at = None
-    while any(p.poll() is None for p in procs):
-        codes = [p.poll() for p in procs]
-        if failed_at is None and any(c not in (None, 0) for c in codes):
-            failed_at = time.monotonic()
-        if failed_at is not None and time.monotonic() - failed_at > grace:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-        time.sleep(0.2)
+
+    def forward(signum, _frame):
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward) if threading.current_thread() is threading.main_thread() \
+        else None
+    ended, stopped = {}, set()  # process index -> time it ended; the ones the launcher killed
+    try:
+        while len(ended) < len(procs):
+            for index, p in enumerate(procs):
+                if index not in ended and p.poll() is not None:
+                    ended[index] = time.monotonic()
+            failures = [t for i, t in ended.items() if procs[i].returncode != 0]
+            if failures and time.monotonic() - min(failures) > grace:
+                for index, p in enumerate(procs):
+                    if p.poll() is None:
+                        p.kill()
+                        stopped.add(index)
+            time.sleep(0.2)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for pump in pumps:
         pump.join(timeout=5)
-    codes = [p.returncode for p in procs]
-    return next((c for c in codes if c != 0), 0)
+    failed = sorted((t, i) for i, t in ended.items() if procs[i].returncode != 0)
+    if not failed:
+        return 0
+    t0, first = failed[0]
+    later = [f"process {i} {_how(procs[i].returncode)} {t - t0:.1f} s later"
+             + (f" (stopped by the launcher after --grace {grace:g} s)" if i in stopped else "")
+             for t, i in failed[1:]]
+    code = procs[first].returncode
+    hint = "" if code in (2, 3) else "; run the same command again to resume from the run's last checkpoint"
+    print(f"error: process {first} (pid {procs[first].pid}) {_how(code)} first"  # (2, 3: its own message says why)
+          + "".join(f"; {text}" for text in later) + hint, file=sys.stderr, flush=True)
+    return 128 - code if code < 0 else code
+
+
+def _how(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with code {returncode}"
 
 
 def main(argv=None) -> int:

@@ -1,8 +1,9 @@
 """Run metrics: JSONL (canonical), optional TensorBoard, throughput and MFU.
 
 ``metrics.jsonl`` holds one JSON object per line with a ``kind``: ``train`` (per step) or ``eval``.
-Only process 0 writes. On resume the file is cut back to the restored step, so after any number of
-restarts each step appears exactly once.
+Only process 0 writes. On resume the file is cut back to the restored step (and loses the ``final``
+eval line, which a run killed before DONE writes again), so after any number of restarts each step
+appears exactly once.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class MetricsWriter:
                 record = json.loads(line)
             except ValueError:  # a line cut by a kill mid-write
                 continue
-            if record.get("step", 0) <= step:
+            if record.get("step", 0) <= step and not record.get("final"):  # the final eval is redone
                 kept.append(line)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))

@@ -125,6 +125,10 @@ def prepare(cfg: DataConfig) -> TokenCache:
     """Make the cache for ``cfg`` if it is missing (training a SentencePiece model first when needed),
     then open it. Idempotent: an existing, matching cache is opened without reading the corpus."""
     path = cache_path(cfg)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise bad_value("data.cache_dir", cfg.cache_dir, f"a directory that can be created ({err.strerror or err})")
     texts = None
     tokenizer = _existing_tokenizer(cfg)
     if tokenizer is None:

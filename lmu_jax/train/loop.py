@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 
 from lmu_jax import distributed
 from lmu_jax.config import RunConfig, run_id
@@ -36,25 +38,19 @@ from lmu_jax.train.step import eval_step, train_step
 
 log = logging.getLogger("lmu_jax")
 
+# Test hook, never part of a config: "<step>[:grad][:inf]" makes the loss and gradients of that step
+# (1-based, as logged) NaN, or with ":grad" only its gradients, or with ":inf" Inf instead of NaN.
+NONFINITE_ENV = "LMU_JAX_TEST_NONFINITE_STEP"
+
 
 class NonFiniteLoss(Exception):
     """The loss or gradient norm became NaN/Inf (policy ``train.nonfinite=stop``)."""
 
 
 def open_data(cfg: RunConfig):
-    """Process 0 tokenizes (once, cached); the others open the cache after a barrier."""
-    failure = None
-    if distributed.is_main_process():
-        try:
-            cache = prepare(cfg.data)
-        except UserError as err:
-            failure = err
-    # every process learns whether process 0 succeeded, so none waits for a barrier that never comes
-    if distributed.broadcast_from_main(np.int32(failure is not None)):
-        raise failure or UserError(f"data.corpus={cfg.data.corpus!r} could not be prepared on process 0")
-    if not distributed.is_main_process():
-        cache = open_cache(cfg.data)
-    return cache
+    """Process 0 tokenizes (once, cached); the others open the cache once it has succeeded."""
+    cache = on_main_agreed(lambda: prepare(cfg.data), f"data.corpus={cfg.data.corpus!r}")
+    return cache if distributed.is_main_process() else open_cache(cfg.data)
 
 
 class Trainer:
@@ -114,8 +110,8 @@ class Trainer:
             return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
 
         self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
-        step = partial(train_step, apply_fn=model.apply, optimizer=optimizer, microbatches=cfg.train.microbatches,
-                       seed=seed, skip_nonfinite=cfg.train.nonfinite == "skip")
+        step = partial(_with_test_fault(train_step), apply_fn=model.apply, optimizer=optimizer,
+                       microbatches=cfg.train.microbatches, seed=seed, skip_nonfinite=cfg.train.nonfinite == "skip")
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
         self.eval_step = jax.jit(partial(eval_step, apply_fn=model.apply),
@@ -159,20 +155,23 @@ class Trainer:
     # -- the loop -----------------------------------------------------------------------------------
 
     def train(self) -> dict:
+        """Train or resume in the run directory. A launch that fails with a UserError before its first
+        step removes a run directory it created itself: no half-made runs (config.yaml, lock, ...)."""
         cfg, run = self.cfg, self.run
-        main = distributed.is_main_process()
         if run.done:
-            if main:
+            on_main_agreed(lambda: run.check_config(cfg), f"--run-dir {run.path}")
+            if distributed.is_main_process():
                 print(f"run {run.path} is finished (DONE); leaving it alone")
             return {"status": "done-before"}
-        if main:
-            run.check_writable()
-            run.acquire_lock()
+        main = distributed.is_main_process()
+        created = on_main_agreed(lambda: run.open(cfg), f"--run-dir {run.path}")
+        self._started = False
         try:
-            if main:
-                run.check_or_write_config(cfg)
-            distributed.barrier("run-dir-ready")
             return self._train_locked()
+        except UserError:
+            if main and created and not self._started:
+                run.remove()  # while still holding the lock
+            raise
         finally:
             if main:
                 run.release_lock()
@@ -180,24 +179,46 @@ class Trainer:
     def _train_locked(self) -> dict:
         cfg, run = self.cfg, self.run
         main = distributed.is_main_process()
-        ckpt = Checkpointer(run.checkpoints.absolute(), cfg.checkpoint)
-        state, meta = ckpt.restore_latest(self.abstract_state)
-        if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
-            raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
-                            f"this run reads {self.cache.fingerprint}; use the same data or a new --run-dir")
-        if state is None:
-            state = self.init_state()
-        start = int(jax.device_get(state["step"]))
-        if main and start:
-            print(f"resuming {run.path} from step {start}")
-        writer = MetricsWriter(run.path, resume_step=start, tensorboard=cfg.log.tensorboard)
+        ckpt = writer = progress = preemption = None
+        self.step_reached = 0
+        try:
+            ckpt = Checkpointer(run.checkpoints.absolute(), cfg.checkpoint)
+            state, meta = ckpt.restore_latest(self.abstract_state, set_aside_unusable=True)
+            if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
+                raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
+                                f"this run reads {self.cache.fingerprint}; use the same data or a new --run-dir")
+            if state is None:
+                state = self.init_state()
+            start = self.step_reached = int(jax.device_get(state["step"]))
+            state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
+            on_main_agreed(lambda: run.check_free_space(state_bytes, cfg.checkpoint.keep), "--run-dir")
+            if main and start:
+                print(f"resuming {run.path} from step {start}")
+            writer = MetricsWriter(run.path, resume_step=start, tensorboard=cfg.log.tensorboard)
+            preemption = Preemption()
+            progress = _progress_bar(main and cfg.log.progress, start, cfg.train.steps)
+            self._started = True
+            return self._loop(state, start, ckpt, writer, preemption, progress)
+        except OSError as err:  # metrics or run files: say where, and what survives
+            if ckpt is not None:
+                ckpt.settle()
+            raise UserError(f"I/O error in --run-dir {run.path} after step {self.step_reached} ({err}); the "
+                            f"last good checkpoint is {_describe(ckpt)}") from err
+        finally:
+            if progress is not None:
+                progress.close()
+            if writer is not None:
+                writer.close()
+            if ckpt is not None:
+                ckpt.close()
+            if preemption is not None:
+                preemption.close()
+
+    def _loop(self, state, start: int, ckpt: Checkpointer, writer: MetricsWriter, preemption, progress) -> dict:
+        cfg, run = self.cfg, self.run
+        main = distributed.is_main_process()
         peak, peak_source = peak_flops_total()
-        stop_requested = []
-        previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop_requested.append(True)) \
-            if _in_main_thread() else None
-        progress = _progress_bar(main and cfg.log.progress, start, cfg.train.steps)
         pending = None  # (step, metrics on device): fetched one step late so the host never stalls
-        last_good_checkpoint = start if start else None
         last_time = time.perf_counter()
 
         def flush(pending_item):
@@ -206,80 +227,153 @@ class Trainer:
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
             dt, last_time = now - last_time, now
-            loss = float(metrics["loss"])
-            if not bool(metrics["finite"]) and cfg.train.nonfinite == "stop":
-                raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step_no}; last good checkpoint: "
-                                    f"{last_good_checkpoint if last_good_checkpoint is not None else 'none'}")
+            loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+            if not finite and cfg.train.nonfinite == "stop":
+                ckpt.settle()  # so that the message names a checkpoint known to be good
+                raise NonFiniteLoss(f"non-finite loss or gradient at step {step_no} (loss {loss}, grad_norm "
+                                    f"{float(metrics['grad_norm'])}; train.nonfinite=stop); the last good "
+                                    f"checkpoint is {_describe(ckpt)}")
+            if not finite and main:
+                log.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); its update was skipped "
+                            "(train.nonfinite=skip)", step_no, loss, float(metrics["grad_norm"]))
             tokens = step_no * self.tokens_per_step
             record = {
                 "kind": "train", "step": step_no, "loss": loss, "lr": float(self.schedule(step_no - 1)),
-                "grad_norm": float(metrics["grad_norm"]), "finite": bool(metrics["finite"]), "tokens": tokens,
+                "grad_norm": float(metrics["grad_norm"]), "finite": finite, "tokens": tokens,
                 "flops_model": tokens * self.flops_per_token,
                 "flops_6n": tokens * kaplan_flops_per_token(self.counts["non_embedding"]),
                 "step_time": dt, "tokens_per_s": self.tokens_per_step / dt,
                 "mfu": self.tokens_per_step * self.flops_per_token / dt / peak,
             }
-            if step_no % cfg.log.every == 0 or step_no == cfg.train.steps:
+            if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite:  # skips always
                 writer.write(record)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
 
-        try:
-            step = start
-            profiling = False
-            while step < cfg.train.steps:
-                if cfg.train.profile_steps and step == start + 2 and main:
-                    jax.profiler.start_trace(str(run.path / "profile"))
-                    profiling = True
-                state, metrics = self.train_step(state, self.global_batch(step))
-                step += 1
-                if pending is not None:
-                    flush(pending)
-                pending = (step, metrics)
-                if profiling and step >= start + 2 + cfg.train.profile_steps:
-                    jax.profiler.stop_trace()
-                    profiling = False
-                is_last = step == cfg.train.steps
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
-                    flush(pending)
-                    pending = None
-                    writer.write({"kind": "eval", "step": step, **_summary(self.evaluate(state["params"]))})
-                checkpoint_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last
-                if checkpoint_now or stop_requested:
-                    if pending is not None:  # never checkpoint a state whose loss we have not checked
-                        flush(pending)
-                        pending = None
-                    ckpt.save(state, self.meta())
-                    last_good_checkpoint = step
-                if stop_requested and not is_last:
-                    ckpt.wait()
-                    if main:
-                        print(f"SIGTERM: saved a checkpoint at step {step} in {run.path}; exiting. "
-                              "Run the same command again to resume.")
-                    return {"status": "preempted", "step": step}
+        step = start
+        profiling = False
+        while step < cfg.train.steps:
+            if cfg.train.profile_steps and step == start + 2 and main:
+                jax.profiler.start_trace(str(run.path / "profile"))
+                profiling = True
+            state, metrics = self.train_step(state, self.global_batch(step))
+            step = self.step_reached = step + 1
             if pending is not None:
                 flush(pending)
-            ckpt.wait()
-            result = self.evaluate(state["params"])
-            result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
-                          flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
-                          * self.flops_per_token, family=self.model_cfg.family, run_id=run_id(cfg),
-                          peak_flops=peak, peak_source=peak_source)
-            writer.write({"kind": "eval", "step": step, **_summary(result)})
-            if distributed.is_main_process():
-                run.write_eval(result)
-                run.mark_done({"step": step, "loss": result["loss"]})
-            distributed.barrier("run-done")
-            self.final_state = state
-            return {"status": "done", **result}
-        finally:
-            if progress is not None:
-                progress.close()
-            writer.close()
-            ckpt.close()
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            pending = (step, metrics)
+            if profiling and step >= start + 2 + cfg.train.profile_steps:
+                jax.profiler.stop_trace()
+                profiling = False
+            is_last = step == cfg.train.steps
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not is_last:
+                flush(pending)
+                pending = None
+                writer.write({"kind": "eval", "step": step, **_summary(self.evaluate(state["params"]))})
+            stop = preemption(step)
+            checkpoint_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last
+            if checkpoint_now or stop:
+                if pending is not None:  # never checkpoint a state whose loss we have not checked
+                    flush(pending)
+                    pending = None
+                ckpt.save(state, self.meta())
+            if stop and not is_last:
+                ckpt.wait()
+                if main:
+                    print(f"SIGTERM: saved a checkpoint at step {step} in {run.path}; exiting. "
+                          "Run the same command again to resume.", flush=True)
+                return {"status": "preempted", "step": step}
+        if pending is not None:
+            flush(pending)
+        ckpt.wait()  # DONE only once the final checkpoint is written and read back
+        result = self.evaluate(state["params"])
+        result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
+                      flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
+                      * self.flops_per_token, family=self.model_cfg.family, run_id=run_id(cfg),
+                      peak_flops=peak, peak_source=peak_source)
+        # "final": a resume after this line (killed before DONE) evaluates again and replaces it
+        writer.write({"kind": "eval", "step": step, "final": True, **_summary(result)})
+        if main:
+            run.write_eval(result)
+            run.mark_done({"step": step, "loss": result["loss"]})
+        distributed.barrier("run-done")
+        self.final_state = state
+        return {"status": "done", **result}
+
+
+class Preemption:
+    """``preemption(step)``: should the run checkpoint and stop after this step?
+
+    One process: a SIGTERM handler sets a flag. Several: jax's preemption service (it owns SIGTERM
+    after ``jax.distributed.initialize``) agrees on one step at which every process stops, so that
+    they all save the same step and no collective is left waiting for a process that has gone."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        self._multi = jax.process_count() > 1
+        if not self._multi and _in_main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, *_):
+        self.requested = True
+
+    def __call__(self, step: int) -> bool:
+        if self._multi:
+            try:
+                return multihost_utils.reached_preemption_sync_point(step)
+            except RuntimeError:  # no preemption service (jax_enable_preemption_service off)
+                return False
+        return self.requested
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def on_main_agreed(fn, what: str):
+    """``fn()`` on process 0 only; a UserError there stops every process, so none is left waiting at a
+    barrier for process 0. Returns ``fn()``'s value on process 0, None elsewhere."""
+    result, failure = None, None
+    if distributed.is_main_process():
+        try:
+            result = fn()
+        except UserError as err:
+            failure = err
+    if distributed.broadcast_from_main(np.int32(failure is not None)):
+        raise failure or UserError(f"{what} failed on process 0; see its message")
+    return result
+
+
+def _describe(ckpt: Checkpointer | None) -> str:
+    good = ckpt.last_good if ckpt is not None else None
+    return "none" if good is None else f"step {good} in {ckpt.directory}"
+
+
+def _with_test_fault(step_fn):
+    """``step_fn`` itself, or, under ``LMU_JAX_TEST_NONFINITE_STEP``, one whose chosen step blows up."""
+    spec = os.environ.get(NONFINITE_ENV, "")
+    if not spec:
+        return step_fn
+    parts = spec.split(":")
+    bad_step, value = int(parts[0]), jnp.inf if "inf" in parts else jnp.nan
+
+    @jax.custom_vjp
+    def poison_gradient(logits, poison):
+        return logits
+
+    poison_gradient.defvjp(lambda logits, poison: (logits, poison),
+                           lambda poison, g: (g + poison, jnp.zeros_like(poison)))
+
+    def poisoned(state, batch, *, apply_fn, **kwargs):
+        poison = jnp.where(state["step"] + 1 == bad_step, value, 0.0).astype(jnp.float32)
+        if "grad" in parts:
+            apply = lambda *a, **k: poison_gradient(apply_fn(*a, **k), poison)  # noqa: E731
+        else:
+            apply = lambda *a, **k: apply_fn(*a, **k) + poison  # noqa: E731
+        return step_fn(state, batch, apply_fn=apply, **kwargs)
+
+    return poisoned
 
 
 def _summary(result: dict) -> dict:

@@ -3,14 +3,23 @@
 - Re-running a command on an existing run directory resumes it; a finished run (DONE) is left alone.
 - The directory's config must agree with the new one, except for how it runs (mesh, logging,
   distributed settings), which may change between restarts.
-- A lock (pid + host) stops a second launch into the same directory; a lock left by a dead process on
-  this host is taken over.
+- A lock stops a second launch into the same directory: an exclusive ``flock`` on ``.lock``, which the
+  kernel drops when its process ends, however it ends (SIGKILL, OOM, power loss on NFS after the lease),
+  so a dead run never leaves a stale lock behind, and a restarted container with a new hostname or a
+  recycled pid is not mistaken for the holder. The file names the holder (pid, host) for the message.
+  Where the filesystem has no flock, a pid file is used instead; one left by a dead process on this
+  host is taken over.
+- A launch that fails before training removes the directory if it made it (``open`` / ``remove``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -40,55 +49,140 @@ class RunDir:
         self.lock_path = self.path / ".lock"
         self.checkpoints = self.path / "checkpoints"
         self.eval_path = self.path / "eval.json"
+        self._lock_fd = None  # the open, flock-ed .lock (-1: the pid-file fallback)
 
     @property
     def done(self) -> bool:
         return self.done_path.exists()
 
     def check_writable(self) -> None:
+        probe = self.path / ".write_probe"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write_probe"
             probe.write_text("ok")
-            probe.unlink()
         except OSError as err:
             raise UserError(f"--run-dir {self.path} is not writable: {err.strerror or err}")
+        finally:
+            with contextlib.suppress(OSError):  # e.g. a full disk left an empty probe behind
+                probe.unlink(missing_ok=True)
 
     def check_or_write_config(self, cfg: RunConfig) -> None:
         """Write config.yaml on a new run; on an existing one, refuse a changed experiment."""
+        self.check_config(cfg)
+        self._write_config(cfg)
+
+    def check_config(self, cfg: RunConfig) -> None:
+        """Refuse a config that is another experiment than the one in config.yaml (if there is one)."""
+        if not self.config_path.exists():
+            return
         new = cfg.to_dict()
-        if self.config_path.exists():
+        try:
             old = yaml.safe_load(self.config_path.read_text()) or {}
-            old_flat, new_flat = _flatten(old), _flatten(new)
-            for key in sorted(set(old_flat) | set(new_flat)):
-                if key.split(".")[0] in RESTARTABLE_SECTIONS:
-                    continue
-                if old_flat.get(key) != new_flat.get(key):
-                    raise UserError(f"{key}={new_flat.get(key)!r} differs from {old_flat.get(key)!r} in "
-                                    f"{self.config_path}; resume with the same settings or use a new --run-dir")
+            if not isinstance(old, dict):
+                raise yaml.YAMLError("not a mapping of sections")
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            raise UserError(f"{self.config_path} is not a valid run config ({str(err).splitlines()[0]}); restore "
+                            "it or use a new --run-dir")
+        old_flat, new_flat = _flatten(old), _flatten(new)
+        for key in sorted(set(old_flat) | set(new_flat)):
+            if key.split(".")[0] in RESTARTABLE_SECTIONS:
+                continue
+            if old_flat.get(key) != new_flat.get(key):
+                raise UserError(f"{key}={new_flat.get(key)!r} differs from {old_flat.get(key)!r} in "
+                                f"{self.config_path}; resume with the same settings or use a new --run-dir")
+
+    def _write_config(self, cfg: RunConfig) -> None:
         tmp = self.config_path.with_suffix(".tmp")
-        tmp.write_text(dump_config(cfg))
-        os.replace(tmp, self.config_path)
+        try:
+            tmp.write_text(dump_config(cfg))
+            os.replace(tmp, self.config_path)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise UserError(f"--run-dir {self.path}: cannot write {self.config_path.name} ({err.strerror or err})")
+
+    def open(self, cfg: RunConfig) -> bool:
+        """Make or reopen the directory for ``cfg`` and lock it; True when this call created it. On
+        failure nothing is left behind: no lock, and no directory if it did not exist before."""
+        created = not self.path.exists()
+        try:
+            self.check_writable()
+            self.acquire_lock()
+        except BaseException:
+            if created:  # a launch racing this one may own it by now: only an empty directory goes
+                with contextlib.suppress(OSError):
+                    self.path.rmdir()
+            raise
+        try:
+            self.check_or_write_config(cfg)
+        except BaseException:
+            if created:
+                self.remove()
+            self.release_lock()
+            raise
+        return created
+
+    def remove(self) -> None:
+        """Delete the run directory: only ever one this launch created and holds the lock of, before
+        anything was trained in it."""
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def check_free_space(self, state_bytes: int, keep: int) -> None:
+        """Refuse to start when not even one checkpoint (about the state's size) fits on the disk."""
+        free = shutil.disk_usage(self.path).free
+        if free < state_bytes:
+            raise UserError(f"--run-dir {self.path} has {free / 2**20:.1f} MiB free, less than one checkpoint "
+                            f"({state_bytes / 2**20:.1f} MiB; checkpoint.keep={keep} needs about "
+                            f"{(keep + 1) * state_bytes / 2**20:.1f} MiB); free space or use another --run-dir")
 
     def acquire_lock(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            holder = _read_holder(fd)
+            os.close(fd)
+            if err.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return self._acquire_pid_lock(me)  # this filesystem has no flock
+            raise UserError(f"--run-dir {self.path} is in use by pid {holder.get('pid', '?')} on "
+                            f"{holder.get('host', '?')} (it holds {self.lock_path}); wait for it to finish "
+                            "or stop it, then run the same command again")
+        try:
+            same_file = os.fstat(fd).st_ino == os.stat(self.lock_path).st_ino
+        except FileNotFoundError:
+            same_file = False
+        if not same_file:  # the previous holder removed the file between our open and flock
+            os.close(fd)
+            return self.acquire_lock()
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps(me).encode())
+        self._lock_fd = fd
+
+    def release_lock(self) -> None:
+        """Idempotent. Removing the file while still holding the lock makes a launch that opened it
+        meanwhile see a different file and retry, instead of locking an orphan."""
+        fd = self._lock_fd
+        if fd is None:
+            return
+        self.lock_path.unlink(missing_ok=True)
+        if fd >= 0:
+            os.close(fd)
+        self._lock_fd = None
+
+    def _acquire_pid_lock(self, me: dict) -> None:
+        """Fallback without flock: an exclusive-create pid file; one left by a dead pid here is stale."""
         try:
             fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            try:
-                holder = json.loads(self.lock_path.read_text())
-            except (OSError, ValueError):
-                holder = {}
+            holder = _read_holder(None, self.lock_path)
             if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
                 self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
-                return self.acquire_lock()
+                return self._acquire_pid_lock(me)
             raise UserError(f"--run-dir {self.path} is in use by pid {holder.get('pid')} on "
                             f"{holder.get('host')}; wait for it, or remove {self.lock_path} if it is dead")
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
-
-    def release_lock(self) -> None:
-        self.lock_path.unlink(missing_ok=True)
+        self._lock_fd = -1
 
     def mark_done(self, summary: dict) -> None:
         self.done_path.write_text(json.dumps(summary, indent=1) + "\n")
@@ -97,6 +191,16 @@ class RunDir:
         tmp = self.eval_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result, indent=1) + "\n")
         os.replace(tmp, self.eval_path)
+
+
+def _read_holder(fd, path=None) -> dict:
+    """The {pid, host} written into a lock file ({} if unreadable: e.g. a holder still writing it)."""
+    try:
+        text = os.pread(fd, 4096, 0).decode() if fd is not None else Path(path).read_text()
+        holder = json.loads(text)
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
 
 
 def _pid_alive(pid: int) -> bool:
