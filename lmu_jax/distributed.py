@@ -4,7 +4,8 @@ Sources, in order:
 1. ``distributed.coordinator`` in the config (with ``num_processes`` and ``process_id``);
 2. the environment ``LMU_JAX_COORDINATOR``, ``LMU_JAX_NUM_PROCESSES``, ``LMU_JAX_PROCESS_ID``
    (what the local launcher ``lmu_jax.launch_local`` sets for each process);
-3. Cloud TPU VMs, SLURM and Open MPI: ``jax.distributed.initialize()`` detects them by itself;
+3. Cloud TPU VMs (device nodes + libtpu), SLURM and Open MPI: ``jax.distributed.initialize()``
+   detects the cluster by itself;
 4. otherwise a single process.
 Must run before any other JAX call.
 """
@@ -36,6 +37,16 @@ def _explicit_settings(dist_cfg):
     return None
 
 
+def _on_cloud_tpu_vm() -> bool:
+    """A Cloud TPU VM: TPU device nodes plus libtpu. JAX then finds the other workers through the
+    VM metadata server; an ordinary TPU VM sets none of the cluster variables above."""
+    import glob
+    import importlib.util
+
+    has_devices = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+    return has_devices and importlib.util.find_spec("libtpu") is not None
+
+
 def initialize(dist_cfg) -> None:
     """Start the multi-controller runtime when this is one of several processes; idempotent."""
     global _initialized
@@ -48,7 +59,7 @@ def initialize(dist_cfg) -> None:
         if count > 1:
             jax.distributed.initialize(address, num_processes=count, process_id=index,
                                        initialization_timeout=timeout, heartbeat_timeout_seconds=timeout)
-    elif any(k in os.environ for k in _CLUSTER_ENV):
+    elif any(k in os.environ for k in _CLUSTER_ENV) or _on_cloud_tpu_vm():
         jax.distributed.initialize(initialization_timeout=timeout)
     _initialized = True
 
