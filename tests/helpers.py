@@ -47,3 +47,23 @@ def train_losses(run_dir) -> list[tuple[int, float]]:
     lines = (Path(run_dir) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(l) for l in lines]
     return [(r["step"], r["loss"]) for r in records if r["kind"] == "train"]
+
+
+def repeated_batch_losses(model, params, windows, *, lr: float, steps: int) -> list[float]:
+    """Losses of `steps` AdamW steps through the trainer's own train_step, on one batch of windows."""
+    import jax
+    import jax.numpy as jnp
+
+    from lmu_jax.config import OptimConfig
+    from lmu_jax.train.optim import make_optimizer
+    from lmu_jax.train.step import train_step
+
+    optimizer = make_optimizer(OptimConfig(lr=lr, warmup_steps=0), steps=10)
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer, microbatches=1,
+                                           seed=0, skip_nonfinite=False))
+    losses = []
+    for _ in range(steps):
+        state, metrics = step(state, windows)
+        losses.append(float(metrics["loss"]))
+    return losses

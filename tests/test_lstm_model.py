@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmu_jax.config import OptimConfig, config_from_dict
+from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.flops import param_counts
 from lmu_jax.models.lstm import LSTMConfig, LSTMLanguageModel, generate_step, init_recurrent_state
-from lmu_jax.train.optim import make_optimizer
-from lmu_jax.train.step import train_step
+
+from helpers import repeated_batch_losses
 
 VOCAB, SEQ = 40, 17
 
@@ -108,13 +108,6 @@ def test_a_few_train_steps_lower_the_loss():
     model = LSTMLanguageModel(cfg)
     windows = random_tokens(4, batch=4, length=SEQ + 1)
     params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1])["params"])
-    optimizer = make_optimizer(OptimConfig(lr=2e-2, warmup_steps=0), steps=10)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-    step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer, microbatches=1,
-                                           seed=0, skip_nonfinite=False))
-    losses = []
-    for _ in range(10):
-        state, metrics = step(state, windows)
-        losses.append(float(metrics["loss"]))
+    losses = repeated_batch_losses(model, params, windows, lr=2e-2, steps=10)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.5, losses

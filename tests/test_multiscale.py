@@ -11,13 +11,13 @@ import numpy as np
 import pytest
 
 from lmu_jax.cli import main as cli_main
-from lmu_jax.config import OptimConfig, config_from_dict
+from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.flops import xla_flops
 from lmu_jax.models.multiscale import (MultiscaleConfig, MultiscaleLM, causal_pool_blocks, forward_flops_per_token,
                                        memory_footprint, retina_mask)
-from lmu_jax.train.optim import make_optimizer
-from lmu_jax.train.step import train_step
+
+from helpers import repeated_batch_losses
 
 VOCAB, LENGTH = 21, 11  # 11: divisible by neither k = 2 nor k = 3
 
@@ -137,14 +137,7 @@ def test_a_few_train_steps_lower_the_loss(topology):
     keys = TOPOLOGIES["bottom_up k=3 two scales linear" if topology == "bottom_up" else "retina k=2"]
     model, params = init(tiny(**keys))
     windows = jax.random.randint(jax.random.PRNGKey(2), (4, LENGTH + 1), 0, VOCAB)
-    optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), steps=10)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-    step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer, microbatches=1,
-                                           seed=0, skip_nonfinite=False))
-    losses = []
-    for _ in range(6):
-        state, metrics = step(state, windows)
-        losses.append(float(metrics["loss"]))
+    losses = repeated_batch_losses(model, params, windows, lr=1e-2, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.15, losses
 

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lmu_jax.cli import main as cli_main
-from lmu_jax.config import OptimConfig, config_from_dict
+from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.flops import param_counts, xla_flops
 from lmu_jax.models import get_family
@@ -22,8 +22,8 @@ from lmu_jax.models.transformer_xl import (RelativeAttention, SkipCrossHeadConfi
                                            adaptive_io_flops, attention_mask, expected_skip_fraction,
                                            forward_flops_per_token, initial_state, positional_embeddings, rel_shift,
                                            reset_rows, sinusoid, skip_probabilities)
-from lmu_jax.train.optim import make_optimizer
-from lmu_jax.train.step import train_step
+
+from helpers import repeated_batch_losses
 
 VOCAB, SEG = 23, 5
 
@@ -441,14 +441,7 @@ def test_a_few_train_steps_lower_the_loss(family):
     model = TransformerXL(cfg)
     windows = random_tokens(17, batch=4, length=12 + 1)
     params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), windows[:, :-1])["params"])
-    optimizer = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), steps=10)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-    step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer, microbatches=1,
-                                           seed=0, skip_nonfinite=False))
-    losses = []
-    for _ in range(6):
-        state, metrics = step(state, windows)
-        losses.append(float(metrics["loss"]))
+    losses = repeated_batch_losses(model, params, windows, lr=1e-2, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.15, losses
 

@@ -32,6 +32,7 @@ import yaml
 from lmu_jax.config import dump_config
 from lmu_jax.errors import UserError
 from lmu_jax.sweep.spec import PlannedRun, SweepSpec
+from lmu_jax.train.rundir import pid_alive
 
 LOG_TAIL_LINES = 30
 STATUS_FILE = "sweep.json"
@@ -89,18 +90,6 @@ class RunStatus:
     step: int = 0  # last step logged in metrics.jsonl
 
 
-def _pid_alive(pid: int | None) -> bool:
-    if not pid or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_record(run_dir: Path) -> dict:
     try:
         return json.loads((run_dir / STATUS_FILE).read_text())
@@ -138,7 +127,7 @@ def run_status(sweep: SweepDir, run_id: str) -> RunStatus:
     state = record.get("state")
     if state == "running":
         same_host = record.get("host") == socket.gethostname()
-        if not same_host or _pid_alive(record.get("pid")):
+        if not same_host or pid_alive(record.get("pid")):
             return RunStatus(run_id, "running", **common)
         return RunStatus(run_id, "stopped", error="its process ended without a result (killed?)", **common)
     if state in ("failed", "stopped"):

@@ -175,7 +175,7 @@ class RunDir:
             fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             holder = _read_holder(None, self.lock_path)
-            if holder.get("host") == me["host"] and not _pid_alive(holder.get("pid", -1)):
+            if holder.get("host") == me["host"] and not pid_alive(holder.get("pid", -1)):
                 self.lock_path.unlink(missing_ok=True)  # stale: its process is gone
                 return self._acquire_pid_lock(me)
             raise UserError(f"--run-dir {self.path} is in use by pid {holder.get('pid')} on "
@@ -203,8 +203,9 @@ def _read_holder(fd, path=None) -> dict:
         return {}
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
+def pid_alive(pid: int | None) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if not pid or pid <= 0:
         return False
     try:
         os.kill(pid, 0)
