@@ -121,14 +121,19 @@ def test_parameter_count_matches_formula(family):
     assert counts["embedding"] == VOCAB * d  # tied
 
 
-def test_reduction_parameters_have_replicated_logical_axes():
+def test_reduction_parameters_shard_over_order_and_the_readout_is_replicated():
+    """The L_i (q' x q) split their q columns over fsdp (at the paper's q=250, q'=25, d=204 they are 5 % of
+    a layer's parameters, more than the fsdp guard's 2 % tolerance allows to stay whole); the readout p
+    (q',) and the q' rows stay replicated."""
     cfg = tiny()
     boxed = jax.eval_shape(lambda: LMULanguageModel(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)))
     memory = boxed["params"]["blocks_0"]["memory"]
     assert memory["l_query"].names == ("order_reduced", "order")
     assert memory["readout"].names == ("order_reduced",)
     specs = nn.logical_to_mesh(nn.get_partition_spec(memory), LOGICAL_RULES)
-    assert all(all(axis is None for axis in spec) for spec in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+    for name in ("l_query", "l_key", "l_value"):
+        assert specs[name] == P(None, "fsdp")
+    assert specs["readout"] == P(None)
 
 
 def _all_eqns(jaxpr):

@@ -27,7 +27,7 @@ DEMO = {
 # --quick: a smoke test of the whole path (plan, 9 runs, collect, fits, figures, report)
 QUICK = {
     "sizes": [5_000, 10_000, 20_000],
-    "budget": 1.0e9,
+    "budget": 3.0e9,
     "data": {"seq_len": 32, "val_windows": 8, "max_bytes": 200_000},
     "train": {"batch_size": 8},
 }
