@@ -148,8 +148,9 @@ class CheckpointConfig:
     async_save: bool = True  # write in the background while training goes on
 
     def validate(self) -> None:
-        if self.every < 0 or self.keep_every < 0:
-            raise bad_value("checkpoint.every", self.every, "an int >= 0")
+        for key in ("every", "keep_every"):
+            if getattr(self, key) < 0:
+                raise bad_value(f"checkpoint.{key}", getattr(self, key), "an int >= 0 (0 = off)")
         _positive(self, "keep")
 
 

@@ -32,6 +32,7 @@ inject write errors.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -126,9 +127,11 @@ class Checkpointer:
             max_to_keep=None,  # retention is ours (module docstring): orbax deletes nothing
             enable_async_checkpointing=ckpt_cfg.async_save,
             cleanup_tmp_directories=True,  # a write killed mid-way leaves <step>.orbax-checkpoint-tmp
-            async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _before_commit()),
             create=True,
         )
+        if ckpt_cfg.async_save:  # orbax refuses async options (the test hook) on a synchronous manager
+            options = dataclasses.replace(
+                options, async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _before_commit()))
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
         self.verified: set[int] = set()
         self.unverified: set[int] = set()  # read back wrong (or not at all) by this process

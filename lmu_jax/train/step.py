@@ -31,7 +31,10 @@ def train_step(state, batch, *, apply_fn, optimizer, microbatches: int, seed: in
     if microbatches == 1:
         loss, grads = grad_fn(state["params"], batch, rng)
     else:
-        parts = batch.reshape(microbatches, batch.shape[0] // microbatches, *batch.shape[1:])
+        # Part j takes rows j, j+m, j+2m, ...: each device's contiguous block of rows feeds every part
+        # equally, so the split keeps the batch sharding (a (m, B/m) split would all-gather the batch).
+        # The gradients are still all-reduced once per part, inside the scan, as GSPMD places them.
+        parts = batch.reshape(batch.shape[0] // microbatches, microbatches, *batch.shape[1:]).swapaxes(0, 1)
 
         def accumulate(carry, xs):
             index, windows = xs

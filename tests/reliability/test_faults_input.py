@@ -91,6 +91,7 @@ CASES = [
     ("zero window", TRAIN + ["data.seq_len=0"], None, ["data.seq_len=0"], None),
     ("keep no checkpoints", TRAIN + ["checkpoint.keep=0"], None, ["checkpoint.keep=0"], None),
     ("negative checkpoint interval", TRAIN + ["checkpoint.every=-4"], None, ["checkpoint.every=-4"], None),
+    ("negative keep-every", TRAIN + ["checkpoint.keep_every=-1"], None, ["checkpoint.keep_every=-1"], None),
     ("zero timeout", TRAIN + ["distributed.timeout_s=0"], None, ["distributed.timeout_s=0"], None),
     ("coordinator without process id", TRAIN + ["distributed.coordinator=localhost:1234"], None,
      ["distributed.process_id=-1", "num_processes"], None),
