@@ -144,6 +144,11 @@ class Checkpointer:
         """The newest checkpoint known to restore to exactly the state that was saved."""
         return max(self.verified, default=None)
 
+    def last_good_text(self) -> str:
+        if self.last_good is None:
+            return "no checkpoint of this run was verified yet"
+        return f"the last good checkpoint is {self.last_good} and is intact"
+
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
@@ -195,8 +200,7 @@ class Checkpointer:
         self._failed = None
         if not _alive(state):
             raise CheckpointError(f"checkpoint of step {meta['step']} in {self.directory} failed "
-                                  f"({self._last_error}) and its state is gone; the last good checkpoint "
-                                  f"is {self.last_good}")
+                                  f"({self._last_error}) and its state is gone; {self.last_good_text()}")
         self._save_until_verified(state, meta, abstract)
 
     def close(self) -> None:
@@ -228,8 +232,7 @@ class Checkpointer:
                 if attempt < SAVE_ATTEMPTS:
                     time.sleep(RETRY_DELAY_S * attempt)
         raise CheckpointError(f"checkpoint of step {step} could not be written to {self.directory} "
-                              f"({self._last_error}) in {SAVE_ATTEMPTS} attempts; the last good checkpoint "
-                              f"is {self.last_good if self.last_good is not None else 'none'} and is intact; "
+                              f"({self._last_error}) in {SAVE_ATTEMPTS} attempts; {self.last_good_text()}; "
                               "fix the storage (free space?) and run the same command again to resume")
 
     def _accept(self, step: int) -> None:

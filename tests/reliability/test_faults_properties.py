@@ -84,17 +84,9 @@ def hostile_configs(draw) -> dict:
     return raw
 
 
-def is_known_bug(raw) -> bool:
-    """model.family given as a list or mapping raises TypeError in lmu_jax/config.py (see the report and
-    test_faults_input.test_known_config_bugs); kept out so the property still guards everything else."""
-    model = raw.get("model")
-    return isinstance(model, dict) and isinstance(model.get("family"), (list, dict))
-
-
 @settings(max_examples=400, **QUIET)
 @given(hostile_configs())
 def test_any_input_is_a_config_or_a_user_error(raw):
-    assume(not is_known_bug(raw))
     try:
         cfg = config_from_dict(raw)
     except UserError as err:

@@ -1,10 +1,12 @@
 """Storage failures: an unwritable or full run directory is refused before training starts; a failing
 checkpoint write is retried with the state still in memory, and otherwise stops the run with one line
 and the last good checkpoint intact. (Tests run as root, so chmod cannot make a directory read-only:
-a path under a regular file, and ENOSPC injected into the writer, stand in.)"""
+a path under a regular file stands in. A full disk is both injected, to hit exact points of the writer,
+and real: a 16 MiB tmpfs filled up mid-run.)"""
 
 import errno
 import logging
+import subprocess
 
 import pytest
 
@@ -118,3 +120,52 @@ def test_metrics_write_failure_says_where_and_what_survives(setup, tmp_path, cap
     assert f"I/O error in --run-dir {run}" in err and "No space left on device" in err, err
     assert f"the last good checkpoint is step 4 in {run / 'checkpoints'}" in err, err
     assert checkpoint_steps(run) == [4] and not (run / ".lock").exists()
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 16 MiB tmpfs (the tests run as root, so they may mount one): ENOSPC from the kernel, not
+    from a patched call."""
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
+                          capture_output=True, text=True)
+    if made.returncode:
+        pytest.skip(f"cannot mount a tmpfs here ({made.stderr.strip()})")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=True)
+
+
+def test_a_real_full_filesystem_stops_the_run_and_a_rerun_with_space_resumes(setup, tmp_path, capsys,
+                                                                               monkeypatch, small_filesystem):
+    raw, config = setup
+    Trainer(config_from_dict(raw), tmp_path / "straight").train()
+    run = small_filesystem / "run"
+    filler = small_filesystem / "filler"
+
+    accept = checkpoint.Checkpointer._accept
+
+    def fill_the_disk_once_4_is_verified(self, step):
+        accept(self, step)
+        if step == 4:
+            with open(filler, "wb") as f:
+                try:
+                    while True:
+                        f.write(b"\0" * (1 << 16))
+                        f.flush()
+                except OSError as err:
+                    assert err.errno == errno.ENOSPC
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "_accept", fill_the_disk_once_4_is_verified)
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 2
+    err = one_line_error(capsys)
+    assert "No space left on device" in err and "the last good checkpoint is 4 and is intact" in err, err
+    assert checkpoint_steps(run) == [4] and not (run / "DONE").exists() and not (run / ".lock").exists()
+    assert state_leaves(run, config_from_dict(raw))[-1] == 4  # the last good checkpoint restores
+
+    monkeypatch.undo()
+    filler.unlink()  # space again: the same command resumes from step 4 and ends like an uninterrupted run
+    assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 0
+    assert train_losses(run) == train_losses(tmp_path / "straight")
+    assert_each_step_once(run, STEPS)
+    print("FAULT real tmpfs full after checkpoint 4: stopped with one line, resumed from 4, steps lost <= 4")
