@@ -70,8 +70,11 @@ def demo_spec(corpus: str, quick: bool = False, cache_dir: str | None = None) ->
         "budgets": {"flops": [size["budget"]]},
         "warmup_fraction": 0.05,
         "evals_per_run": 4,
-        "family_overrides": {  # aspect ratio d_model / n_layers = 32: the small ladder gets 1 to 3 layers
-            "transformer": {"model": {"d_model": 64, "n_layers": 2}},
+        "family_overrides": {  # transformer aspect d_model / n_layers = 32: the small ladder gets 1 to 3
+            # layers. Peak lr per family: the best at ~50 k parameters (experiments/results/cpu_scaling_kjv/lr_check.md)
+            "transformer": {"model": {"d_model": 64, "n_layers": 2}, "optim": {"lr": 3.0e-3}},
+            "lstm": {"optim": {"lr": 2.0e-2}},
+            "lmu": {"optim": {"lr": 1.0e-2}},
         },
         "base": {
             "data": data,
