@@ -32,18 +32,17 @@ inject write errors.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmu_jax import distributed
+from lmu_jax import distributed, storage
 from lmu_jax.errors import UserError
 
 log = logging.getLogger("lmu_jax")
@@ -120,7 +119,7 @@ def _alive(state) -> bool:
 
 class Checkpointer:
     def __init__(self, directory, ckpt_cfg):
-        self.directory = Path(directory)
+        self.directory = storage.absolute(storage.path(directory, "checkpoint directory"))
         self.keep, self.keep_every = ckpt_cfg.keep, ckpt_cfg.keep_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours (module docstring): orbax deletes nothing
@@ -299,7 +298,8 @@ class Checkpointer:
         """Move a bad ``<step>`` out of orbax's view; drop half-written ``<step>.orbax-checkpoint-tmp``."""
         if jax.process_index() == 0:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)  # an interrupted write is never a checkpoint
+                with contextlib.suppress(OSError):  # an interrupted write is never a checkpoint
+                    partial.rmtree()
             final = self.directory / str(step)
             if final.exists():
                 final.rename(self.directory / f"{step}.unusable-{int(time.time() * 1000)}")
