@@ -7,8 +7,12 @@ Sources (``detect``), in order:
 3. a Cloud TPU VM (device nodes + libtpu; or GKE's ``TPU_WORKER_HOSTNAMES``), a SLURM step or an
    Open MPI job: ``jax.distributed.initialize()`` finds the coordinator, the count and the index itself;
 4. otherwise a single process.
-Must run before any other JAX call. A start that fails (coordinator unreachable, a peer missing past
-``distributed.timeout_s``) is one line naming the source, the coordinator and what to check.
+Must run before any other JAX call. A process other than 0 first waits up to ``distributed.timeout_s``
+for the coordinator's port to accept connections; an unreachable coordinator is then one line naming
+the source, the address and what to check, as is any error ``jax.distributed.initialize`` raises.
+(jax's coordination client aborts the process itself, SIGABRT with ``DEADLINE_EXCEEDED ...
+RegisterTask``, when process 0 waits past the timeout for a peer that never came; ``launch_local``
+and the ``tpu/`` babysitter report that as a failed process.)
 
 Once started, ``check_agreement`` makes every process compare what it believes (local device count,
 mesh shape, config): each process's values are gathered, and a difference is one line naming the
@@ -24,6 +28,8 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import socket
+import time
 from dataclasses import dataclass
 
 import jax
@@ -117,6 +123,12 @@ def initialize(dist_cfg) -> None:
     launch = detect(dist_cfg)
     timeout = dist_cfg.timeout_s
     if launch.multi_process:
+        where = (f"coordinator {launch.coordinator}, process {launch.process_id} of {launch.num_processes}"
+                 if launch.coordinator else "coordinator found by jax")
+        if launch.coordinator and launch.process_id != 0 and not _reachable(launch.coordinator, timeout):
+            raise UserError(f"jax.distributed.initialize failed ({launch.source}: {where}): nothing accepts "
+                            f"connections at {launch.coordinator} within distributed.timeout_s={timeout}; check "
+                            "that process 0 was started and that its address and port are reachable from here")
         try:
             if launch.coordinator:
                 jax.distributed.initialize(launch.coordinator, num_processes=launch.num_processes,
@@ -124,14 +136,26 @@ def initialize(dist_cfg) -> None:
                                            heartbeat_timeout_seconds=timeout)
             else:
                 jax.distributed.initialize(initialization_timeout=timeout)
-        except Exception as err:  # unreachable coordinator, a missing peer, a bad address
-            where = (f"coordinator {launch.coordinator}, process {launch.process_id} of {launch.num_processes}"
-                     if launch.coordinator else "coordinator found by jax")
+        except Exception as err:  # e.g. a bad address, or the cluster environment not found
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
             raise UserError(f"jax.distributed.initialize failed ({launch.source}: {where}; distributed.timeout_s="
                             f"{timeout}): {first}; check that every process was started and can reach the "
                             "coordinator")
     _initialized = True
+
+
+def _reachable(address: str, timeout: float) -> bool:
+    """Whether ``host:port`` accepts a TCP connection within ``timeout`` seconds (retrying)."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=1.0):
+                return True
+        except (OSError, ValueError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.2)
 
 
 def check_agreement(facts: dict[str, object]) -> None:
