@@ -85,7 +85,7 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     sweep = epath.Path(f"gs://{BUCKET}/sweeps/remote")
     run = sweep / "runs" / "one"
     command = [sys.executable, "-m", "lmu_jax.cli", "train", "--config", str(config), "--run-dir", str(run)]
-    env = _subprocess_env(fake_gcs, {"LMU_JAX_TEST_CKPT_DELAY_S": "0.5"})  # time to kill between checkpoints
+    env = _subprocess_env(fake_gcs, {"LMU_JAX_TEST_CKPT_DELAY_S": "3"})  # slow checkpoints: killed mid-run
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not (_remote_steps(run) and max(_remote_steps(run)) >= 4):
@@ -94,12 +94,13 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     assert json.loads((run / ".lock").read_text())["pid"] == proc.pid  # the lease object
     proc.send_signal(signal.SIGKILL)
     output = proc.communicate()[0]
+    assert max(_remote_steps(run)) < 12, output
     assert "copying the cache" in output  # the remote token cache was mirrored to this host
     assert not (run / "DONE").exists()
 
     resumed = subprocess.run(command, env=_subprocess_env(fake_gcs), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
-    assert "resuming" in resumed.stdout  # the dead holder's lease (this host, pid gone) was taken over
+    assert "resuming" in resumed.stdout, resumed.stderr[-4000:]  # the dead holder's lease was taken over
     assert (run / "DONE").exists() and not (run / ".lock").exists()
     assert not list(epath.Path(os.getcwd()).glob("gs:*"))  # nothing went to a local folder named gs:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
