@@ -72,8 +72,10 @@ def _subprocess_env(fake_gcs, extra=None):
 
 
 def _remote_steps(run):
+    """Committed checkpoints: on GCS orbax writes <step>/ in place and commits it with this file."""
     folder = run / "checkpoints"
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists()) \
+        if folder.exists() else []
 
 
 @pytest.mark.slow
@@ -95,12 +97,15 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     proc.send_signal(signal.SIGKILL)
     output = proc.communicate()[0]
     assert max(_remote_steps(run)) < 12, output
+    uncommitted = [p.name for p in (run / "checkpoints").iterdir() if p.name.isdigit()
+                   and not (p / "commit_success.txt").exists()]  # killed mid-write, most likely
     assert "copying the cache" in output  # the remote token cache was mirrored to this host
     assert not (run / "DONE").exists()
 
     resumed = subprocess.run(command, env=_subprocess_env(fake_gcs), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming" in resumed.stdout, resumed.stderr[-4000:]  # the dead holder's lease was taken over
+    assert "attempt 1 of" not in resumed.stderr, uncommitted  # interrupted writes were dropped, not retried
     assert (run / "DONE").exists() and not (run / ".lock").exists()
     assert not list(epath.Path(os.getcwd()).glob("gs:*"))  # nothing went to a local folder named gs:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -274,6 +274,8 @@ class Checkpointer:
 
         With ``set_aside_unusable`` (the trainer), the unusable ones newer than the one restored are
         moved out of the way, so the run can write those steps again."""
+        if set_aside_unusable:
+            self._drop_interrupted_writes()
         unusable = []
         for step in reversed(self.steps()):
             try:
@@ -293,6 +295,20 @@ class Checkpointer:
                                   f"(step {unusable[0][0]}: {unusable[0][1]}); if they are corrupt or from "
                                   "another version of the code, move them away to start the run over")
         return None, None
+
+    def _drop_interrupted_writes(self) -> None:
+        """On an object store orbax writes ``<step>/`` in place and marks it committed last (its
+        ``commit_success.txt``); a ``<step>/`` without the mark is an interrupted write, never a
+        checkpoint (like a local ``.orbax-checkpoint-tmp``): removed, so that step can be written again."""
+        if not storage.is_remote(self.directory):
+            return
+        if jax.process_index() == 0 and self.directory.exists():
+            committed = set(self.steps())
+            for partial in self.directory.iterdir():
+                if partial.name.isdigit() and int(partial.name) not in committed:
+                    partial.rmtree()
+        distributed.barrier("checkpoint-drop-interrupted")
+        self.manager.reload()
 
     def _set_aside(self, step: int) -> None:
         """Move a bad ``<step>`` out of orbax's view; drop half-written ``<step>.orbax-checkpoint-tmp``."""
