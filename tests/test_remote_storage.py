@@ -120,3 +120,21 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     result = collect(str(sweep))
     assert [row["run_id"] for row in result["rows"]] == [json.loads((run / "eval.json").read_text())["run_id"]]
     assert (sweep / "results.csv").read_text().count("\n") == 2
+
+
+def test_lease_is_taken_over_only_when_its_holder_stops_renewing(tmp_path):
+    """The object-store run lock, driven on a local path (the same code: exclusive create, read-back,
+    renewal by a thread); ttl 0.6 s."""
+    from lmu_jax.train.rundir import Lease
+
+    lock = epath.Path(tmp_path / ".lock")
+    other = {"pid": 4242, "host": "a-worker-of-another-slice"}
+    holder = Lease.acquire(lock, other, "--run-dir X", ttl=0.6)  # alive: renews every 0.2 s
+    with pytest.raises(UserError, match="--run-dir X is in use by pid 4242 on a-worker-of-another-slice"):
+        Lease.acquire(lock, {"pid": 1, "host": "me"}, "--run-dir X", ttl=0.6)
+    holder._stop.set()  # the holder dies (its slice was preempted): no more renewals, the lease stays
+    holder._thread.join()
+    mine = Lease.acquire(lock, {"pid": 1, "host": "me"}, "--run-dir X", ttl=0.6)
+    assert json.loads(lock.read_text())["host"] == "me"
+    mine.release()
+    assert not lock.exists()

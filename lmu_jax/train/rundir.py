@@ -36,7 +36,7 @@ from lmu_jax.config import RunConfig, dump_config
 from lmu_jax.errors import UserError
 
 RESTARTABLE_SECTIONS = ("mesh", "log", "distributed", "checkpoint")
-LEASE_TTL_S = float(os.environ.get("LMU_JAX_LEASE_TTL_S") or 60)  # object-store run locks (tests shorten it)
+LEASE_TTL_S = 60.0  # seconds an object-store run lock lives without renewal
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
