@@ -15,8 +15,9 @@ RegisterTask``, when process 0 waits past the timeout for a peer that never came
 and the ``tpu/`` babysitter report that as a failed process.)
 
 Once started, ``check_agreement`` makes every process compare what it believes (local device count,
-mesh shape, config): each process's values are gathered, and a difference is one line naming the
-fact and each process's value, instead of a hang or a wrong result later.
+read off the global device list, then mesh shape, config, data: gathered from every process); a
+difference is one line naming the fact and each process's value, instead of a hang or a wrong
+result later.
 
 ``job_process`` reads this process's (index, count) from the same environment *without* starting JAX,
 for the sweep runner, which starts the trainer as a child process. On Cloud TPU VMs the index is in
@@ -30,6 +31,7 @@ import importlib.util
 import os
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import jax
@@ -162,6 +164,13 @@ def check_agreement(facts: dict[str, object]) -> None:
     """Every process must hold the same value for each fact; one line naming what differs otherwise."""
     if jax.process_count() == 1:
         return
+    # From the global device list every process sees alike, not a collective: jax's collectives
+    # themselves assume equal local device counts and fail obscurely otherwise.
+    per_process = Counter(d.process_index for d in jax.devices())
+    if len(set(per_process.values())) > 1:
+        shown = ", ".join(f"process {p} has {n}" for p, n in sorted(per_process.items()))
+        raise UserError(f"the processes disagree on local device count: {shown}; start every process with "
+                        "the same devices")
     names = list(facts)
     encoded = np.zeros((len(names), FACT_BYTES), np.uint8)
     for row, name in enumerate(names):

@@ -70,10 +70,9 @@ class Trainer:
         if cfg.train.batch_size % jax.process_count():
             raise bad_value("train.batch_size", cfg.train.batch_size,
                             f"a multiple of the process count {jax.process_count()}")
+        distributed.check_agreement({"mesh shape": dict(self.mesh.shape), "config (run id)": run_id(cfg)})
         self.cache = open_data(cfg)
-        distributed.check_agreement({"local device count": jax.local_device_count(), "mesh shape":
-                                     dict(self.mesh.shape), "config (run id)": run_id(cfg),
-                                     "data fingerprint": self.cache.fingerprint})
+        distributed.check_agreement({"data fingerprint": self.cache.fingerprint})
         self.seq_len = cfg.data.seq_len
         self.model_cfg = cfg.model.resolved(self.cache.vocab_size, self.seq_len)
         self.model_cfg.validate()
