@@ -15,6 +15,7 @@ from lmu_jax.errors import EXIT_USER_ERROR, UserError
 
 COMMAND_MODULES = [
     "lmu_jax.train.commands",  # train, eval, flops
+    "lmu_jax.train.compile",  # compile (ahead of time, for a target topology)
     "lmu_jax.data.commands",  # data prepare|tokenizer|info
     "lmu_jax.scaling.commands",  # fit
     "lmu_jax.sweep.commands",  # sweep plan|run|status|collect

@@ -55,7 +55,7 @@ class DataConfig:
     sp_vocab_size: int = 4096  # vocabulary of a trained SentencePiece model
     sp_model_type: str = "bpe"  # SentencePiece algorithm: bpe (trains in seconds) | unigram (~10x slower on code)
     seq_len: int = 256  # tokens per training window (the model sees seq_len, predicts seq_len)
-    cache_dir: str = "~/.cache/lmu_jax"  # tokenized corpora (memmaps) and tokenizers; a local path
+    cache_dir: str = "~/.cache/lmu_jax"  # tokenized corpora and tokenizers; local, or gs://... (mirrored locally)
     data_dir: str = ""  # where enwik8/text8 files or prepared TFDS datasets live ("" = default)
     val_windows: int = 64  # fixed validation windows evaluated each time
     max_bytes: int = 0  # cap on the text read from the corpus (0 = all); for quick demos
@@ -340,7 +340,9 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
+    from lmu_jax import storage
+
+    path = storage.path(path, "--config")
     if not path.is_file():
         raise bad_value("--config", str(path), "an existing YAML file")
     try:

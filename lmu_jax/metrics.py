@@ -4,17 +4,26 @@
 Only process 0 writes. On resume the file is cut back to the restored step (and loses the ``final``
 eval line, which a run killed before DONE writes again), so after any number of restarts each step
 appears exactly once.
+
+In a run directory on an object store (no appends there) the lines go to a local staging copy, which
+``sync`` uploads whole: the trainer calls it with every checkpoint, and ``write`` at most every
+``REMOTE_SYNC_S`` seconds, so the remote file is never behind the newest checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+
+from lmu_jax import storage
+
+REMOTE_SYNC_S = 30.0
 
 # bf16 dense peak FLOP/s per JAX device, keyed by a substring of device.device_kind (Levanter's table).
 PEAK_FLOPS = {
@@ -64,26 +73,34 @@ def peak_flops_total(devices=None) -> tuple[float, str]:
 class MetricsWriter:
     """Appends JSON lines (and TensorBoard scalars) on process 0; a no-op elsewhere."""
 
-    def __init__(self, run_dir: Path, *, resume_step: int, tensorboard: bool):
+    def __init__(self, run_dir, *, resume_step: int, tensorboard: bool):
         self.active = jax.process_index() == 0
-        self.path = Path(run_dir) / "metrics.jsonl"
+        run_dir = storage.path(run_dir, "--run-dir")
+        self.path = run_dir / "metrics.jsonl"
+        self.remote = storage.is_remote(run_dir)
         self._tb = None
         if not self.active:
             return
-        self._truncate_after(resume_step)
-        self._file = open(self.path, "a")
+        kept = self._kept_lines(resume_step)
+        # appended to locally: the file itself, or the staging copy of a remote one
+        self._local = _staging_file() if self.remote else self.path
+        storage.write_text(self._local, kept)
+        if self.remote:
+            self.sync()
+        self._file = open(self._local, "a")
+        self._synced = time.monotonic()
         if tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
-                self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self._tb = SummaryWriter(str(run_dir / "tensorboard"))
             except ImportError:
                 pass
 
-    def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+    def _kept_lines(self, step: int) -> str:
+        """The lines logged up to the checkpoint we resume from (later ones will be logged again)."""
         if not self.path.exists():
-            return
+            return ""
         kept = []
         for line in self.path.read_text().splitlines():
             try:
@@ -92,15 +109,21 @@ class MetricsWriter:
                 continue
             if record.get("step", 0) <= step and not record.get("final"):  # the final eval is redone
                 kept.append(line)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        return "".join(line + "\n" for line in kept)
+
+    def sync(self) -> None:
+        """Upload the staging copy to a remote run directory (a no-op for a local one)."""
+        if self.active and self.remote:
+            storage.write_bytes(self.path, self._local.read_bytes())
+            self._synced = time.monotonic()
 
     def write(self, record: dict) -> None:
         if not self.active:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
+        if self.remote and time.monotonic() - self._synced > REMOTE_SYNC_S:
+            self.sync()
         if self._tb is not None:
             prefix = record.get("kind", "train")
             for key, value in record.items():
@@ -110,12 +133,21 @@ class MetricsWriter:
     def close(self) -> None:
         if self.active:
             self._file.close()
+            if self.remote:
+                self.sync()
+                self._local.unlink(missing_ok=True)
             if self._tb is not None:
                 self._tb.close()
 
 
+def _staging_file() -> Path:
+    fd, name = tempfile.mkstemp(prefix="lmu_jax-metrics-", suffix=".jsonl")
+    os.close(fd)
+    return Path(name)
+
+
 def read_metrics(run_dir, kind: str | None = None) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = storage.path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

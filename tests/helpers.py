@@ -67,3 +67,49 @@ def repeated_batch_losses(model, params, windows, *, lr: float, steps: int) -> l
         state, metrics = step(state, windows)
         losses.append(float(metrics["loss"]))
     return losses
+
+
+# One tiny model per registered family (d_model 64: big enough that only vectors stay whole on an
+# fsdp mesh; dropout off so that runs on different process layouts are comparable).
+FAMILY_TINY = {
+    "transformer": {"d_model": 64, "n_layers": 1, "n_heads": 2},
+    "lmu": {"d_model": 64, "n_layers": 1, "order": 8},
+    "lmu_attn": {"d_model": 64, "n_layers": 1, "order": 8, "n_heads": 2},
+    "lstm": {"d_model": 64, "n_layers": 1},
+    "transformer_xl": {"d_model": 64, "n_layers": 1, "n_head": 2, "dropout": 0.0, "mem_len": 16},
+    "sch_txl": {"d_model": 64, "n_layers": 1, "n_head": 2, "dropout": 0.0, "mem_len": 16},
+    "qrnn_hybrid": {"d_model": 64, "n_layers": 2, "n_head": 2, "dropout": 0.0},
+    "multiscale": {"d_model": 64, "n_heads": 2, "n_layers": 3, "scale_layers": [1, 1, 1], "pool_factor": 2},
+}
+
+
+def start_job(commands: list[list[str]], *, devices: int = 4, envs: list[dict] | None = None, **popen):
+    """Start ``python -m lmu_jax.cli COMMAND`` once per command as one jax.distributed job on 127.0.0.1
+    (the environment lmu_jax.launch_local gives), process i with ``envs[i]`` on top; returns the Popens."""
+    from lmu_jax.launch_local import free_port
+
+    port = free_port()
+    procs = []
+    for index, command in enumerate(commands):
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+                   PYTHONPATH=str(REPO), LMU_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                   LMU_JAX_NUM_PROCESSES=str(len(commands)), LMU_JAX_PROCESS_ID=str(index))
+        env.update((envs or [{}] * len(commands))[index])
+        procs.append(subprocess.Popen([sys.executable, "-m", "lmu_jax.cli", *command], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen))
+    return procs
+
+
+def finish_job(procs, timeout: float = 300) -> list[tuple[int, str]]:
+    """(exit code, output) of every process of ``start_job``; all are killed on a timeout."""
+    results = []
+    try:
+        for proc in procs:
+            out, _ = proc.communicate(timeout=timeout)
+            results.append((proc.returncode, out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return results

@@ -26,7 +26,8 @@ from tpu.sweep_queue import GcsLeaseStore, LeaseKeeper, Leases, LocalLeaseStore,
 
 ZONE_PROJECT = ["--zone", "us-central2-b", "--project", "my-project"]
 REPO = ["--repo", "https://github.com/example/lmu_jax.git", "--ref", "v0.1.0"]
-TRAIN = ["--", "lmu-jax", "train", "experiments/configs/lmu_small.yaml", "--run-dir", "gs://my-bucket/runs/lmu_small"]
+TRAIN = ["--", "lmu-jax", "train", "--config", "experiments/configs/default.yaml", "--run-dir",
+         "gs://my-bucket/runs/default"]
 
 
 class FakeClock(Clock):
@@ -198,11 +199,12 @@ def test_dry_run_v4_32_babysit(capsys, in_tmp_dir):
     install, job = commands_run[3], commands_run[4]
     ssh = f"gcloud compute tpus tpu-vm ssh lmu-v4-32 {location} --worker=all"
     assert install.startswith(ssh) and job.startswith(ssh)
-    assert 'git fetch --quiet origin "v0.1.0"' in install and '-e ".[tfds]" "jax[tpu]"' in install
+    assert 'git fetch --quiet origin "v0.1.0"' in install and '-e ".[tfds,gcs]" "jax[tpu]"' in install
     assert "--python \"3.11\"" in install
     assert 'JAX_COMPILATION_CACHE_DIR="gs://my-bucket/jax-cache"' in job
-    assert ("exec lmu-jax train experiments/configs/lmu_small.yaml --run-dir gs://my-bucket/runs/lmu_small"
+    assert ("exec lmu-jax train --config experiments/configs/default.yaml --run-dir gs://my-bucket/runs/default"
             in job)
+    assert 'LMU_JAX_WORKER_ID="$W"' in job  # the sweep runner's process index
     health = ["queued-resources describe lmu-v4-32", "tpu-vm describe lmu-v4-32"]  # still there after exit 0?
     assert len(commands_run) == 7 and all(h in c for h, c in zip(health, commands_run[5:]))
     recovery = [line for line in lines if line.startswith("#   ")]
@@ -252,7 +254,7 @@ def test_dry_run_wheel_install(capsys, in_tmp_dir):
     assert lines[2] == ("gcloud compute tpus tpu-vm scp dist/lmu_jax-0.1.0-py3-none-any.whl small.yaml "
                         "lmu-v6e-16:lmu_jax_files/ --zone=us-central2-b --project=my-project --worker=all "
                         "--strict-host-key-checking=no --quiet")
-    assert '"lmu_jax[tfds] @ file://$HOME/lmu_jax_files/lmu_jax-0.1.0-py3-none-any.whl" "jax[tpu]"' in lines[3]
+    assert '"lmu_jax[tfds,gcs] @ file://$HOME/lmu_jax_files/lmu_jax-0.1.0-py3-none-any.whl" "jax[tpu]"' in lines[3]
     script = lines[3].split("--command ", 1)[1]
     assert subprocess.run(["bash", "-n", "-c", shlex.split(script)[0]]).returncode == 0
 

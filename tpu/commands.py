@@ -21,6 +21,7 @@ PROVISIONING = ("on-demand", "spot", "reserved", "guaranteed")  # on-demand = no
 REMOTE_CHECKOUT = "$HOME/lmu_jax"  # git clone of the repository (the working directory of jobs)
 REMOTE_FILES_DIRNAME = "lmu_jax_files"  # wheel + copied configs (the working directory in wheel mode)
 REMOTE_FILES = f"$HOME/{REMOTE_FILES_DIRNAME}"
+EXTRAS = "tfds,gcs"  # the project's extras on the workers: TFDS corpora, gs:// paths through gcsfs
 REMOTE_VENV = "$HOME/lmu_jax_venv"
 REMOTE_STATE = "$HOME/lmu_jax_logs"  # job.log (full log of every attempt) and job.pid
 EXIT_MARKER = "lmu-tpu-exit="  # each worker's last line: "[worker-<i>] lmu-tpu-exit=<code>[ signal=TERM]"
@@ -143,13 +144,13 @@ def _uv_venv(source: InstallSource) -> list[str]:
 
 
 def wheel_requirement(wheel_path: str) -> str:
-    """``"lmu_jax[tfds] @ file://$HOME/lmu_jax_files/<wheel>"`` (double quotes: $HOME expands remotely).
+    """``"lmu_jax[tfds,gcs] @ file://$HOME/lmu_jax_files/<wheel>"`` (double quotes: $HOME expands remotely).
 
     Wheel file names are ``<dist>-<version>(-<build>)?-<python>-<abi>-<platform>.whl`` with only
     [A-Za-z0-9_.+-] characters, so they need no further quoting.
     """
     wheel = Path(wheel_path).name
-    return f'"{wheel.split("-")[0]}[tfds] @ file://{REMOTE_FILES}/{wheel}"'
+    return f'"{wheel.split("-")[0]}[{EXTRAS}] @ file://{REMOTE_FILES}/{wheel}"'
 
 
 def install_script(source: InstallSource) -> str:
@@ -164,7 +165,7 @@ def install_script(source: InstallSource) -> str:
             f"git fetch --quiet origin {_quote(source.ref)}",
             "git checkout --quiet --force FETCH_HEAD",
             *_uv_venv(source),
-            f'uv pip install --quiet --python "{REMOTE_VENV}/bin/python" -e ".[tfds]" {_quote(source.jax_spec)}',
+            f'uv pip install --quiet --python "{REMOTE_VENV}/bin/python" -e ".[{EXTRAS}]" {_quote(source.jax_spec)}',
         ]
     else:
         steps += [
@@ -180,13 +181,14 @@ def job_script(command: list[str], source: InstallSource, env: JobEnv) -> str:
 
     Output goes to $HOME/lmu_jax_logs/job.log on the VM and, prefixed with ``[worker-<i>] ``, back through
     ssh, where the launcher splits it into one local file per worker. The worker index comes from the TPU
-    VM metadata server. The last line is the exit marker: the launcher decides success from the markers of
+    VM metadata server and is exported as ``LMU_JAX_WORKER_ID``. The last line is the exit marker: the launcher decides success from the markers of
     all workers, not from gcloud's own exit status. A preempted VM sends SIGTERM to everything; the trainer
     then saves a checkpoint and exits 0, so the marker also says whether this shell got SIGTERM: such an
     exit is a preemption, not a finished job.
     """
     state = REMOTE_STATE
-    exports = ['PATH="%s/bin:$PATH"' % REMOTE_VENV, "PYTHONUNBUFFERED=1"]
+    # LMU_JAX_WORKER_ID: which process of the job this is, for `lmu-jax sweep run` (lmu_jax.distributed)
+    exports = ['PATH="%s/bin:$PATH"' % REMOTE_VENV, "PYTHONUNBUFFERED=1", 'LMU_JAX_WORKER_ID="$W"']
     exports += [f"{key}={_quote(str(value))}" for key, value in sorted(env.variables.items())]
     return "; ".join([
         f'mkdir -p "{state}"',

@@ -116,7 +116,7 @@ def job_command(args) -> list[str]:
     command = _after_dashes(args.job)
     if not command:
         raise UserError("give the command to run after --, e.g. "
-                        "-- lmu-jax train CONFIG --run-dir gs://BUCKET/runs/NAME")
+                        "-- lmu-jax train --config CONFIG --run-dir gs://BUCKET/runs/NAME")
     return command
 
 

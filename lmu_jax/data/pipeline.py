@@ -1,11 +1,11 @@
 """Token cache and batches: corpus -> tokenizer -> memmap on disk -> deterministic windows -> jax.Array.
 
-    cache = prepare(cfg.data)                  # process 0: tokenize once (idempotent); others: open_cache
+    cache = prepare(cfg.data)                  # tokenize once (idempotent); every host of a pod calls it
     batcher = WindowBatcher(cache.tokens("train"), seq_len, global_batch, seed)
     rows = batcher.local_batch(step, jax.process_index(), jax.process_count())
     batch = to_global_array(rows, batch_sharding)
 
-Cache layout (``~`` expanded; local paths, since the tokens are memory-mapped)::
+Cache layout (``~`` expanded)::
 
     <cache_dir>/<corpus-key>/sentencepiece-<type>-<V>.model   trained tokenizer (sentencepiece only)
     <cache_dir>/<corpus-key>/<tokenizer-key>/{train,validation[,test]}.bin + meta.json
@@ -16,6 +16,12 @@ records the format version, the corpus content hash, the tokenizer fingerprint a
 it is written last, inside a temporary directory that is renamed into place, so a killed ``prepare``
 never leaves a cache that looks complete. A cache whose tokenizer fingerprint differs from the
 tokenizer this run would use is refused.
+
+Where the cache lives: on a pod every host has its own disk, so every process calls ``prepare``; the
+processes of one host take turns (a ``flock`` on ``<corpus-key>/.prepare.lock``), so the first makes
+the cache and the others open it. A remote ``data.cache_dir`` (``gs://...``) is made once, there, and
+each host copies it into a local mirror (``storage.local_mirror``) to memory-map it; the mirror is
+refreshed whenever its ``meta.json`` differs from the remote one.
 
 Batches (the determinism contract): windows are ``seq_len + 1`` tokens at stride ``seq_len``
 (input w[:-1], target w[1:]). Global position j = step * global_batch + i is window
@@ -28,17 +34,19 @@ promise to keep Generator streams identical across its releases: resume with the
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
 import os
-import shutil
 from collections import OrderedDict
 
 import jax
 import numpy as np
 from etils import epath
 
+from lmu_jax import storage
 from lmu_jax.config import DataConfig
 from lmu_jax.data.corpora import DOCUMENT_SEPARATOR, corpus_identity, read_corpus
 from lmu_jax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, token_dtype,
@@ -54,9 +62,7 @@ META = "meta.json"
 
 
 def cache_root(cfg: DataConfig) -> epath.Path:
-    if "://" in cfg.cache_dir:
-        raise bad_value("data.cache_dir", cfg.cache_dir, "a local directory (token caches are memory-mapped)")
-    return epath.Path(cfg.cache_dir).expanduser()
+    return storage.path(cfg.cache_dir, "data.cache_dir")
 
 
 def corpus_key(cfg: DataConfig) -> str:
@@ -84,8 +90,9 @@ def sentencepiece_path(cfg: DataConfig) -> epath.Path:
 class TokenCache:
     """A prepared corpus: token memmaps per split plus the facts in meta.json."""
 
-    def __init__(self, path: epath.Path, meta: dict):
+    def __init__(self, path: epath.Path, meta: dict, local: epath.Path | None = None):
         self.path = path
+        self.local = local or path  # where the .bin files are memory-mapped from (a mirror of a remote path)
         self.meta = meta
         self.vocab_size: int = meta["tokenizer"]["vocab_size"]
         self.fingerprint: str = meta["fingerprint"]
@@ -97,7 +104,7 @@ class TokenCache:
         if split not in self.splits:
             raise UserError(f"data cache {self.path} has no {split!r} split; it has {', '.join(self.splits)}")
         if split not in self._memmaps:
-            self._memmaps[split] = np.memmap(os.fspath(self.path / f"{split}.bin"), dtype=self._dtype, mode="r",
+            self._memmaps[split] = np.memmap(os.fspath(self.local / f"{split}.bin"), dtype=self._dtype, mode="r",
                                              shape=(self.meta["splits"][split]["tokens"],))
         return self._memmaps[split]
 
@@ -129,17 +136,18 @@ def prepare(cfg: DataConfig) -> TokenCache:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise bad_value("data.cache_dir", cfg.cache_dir, f"a directory that can be created ({err.strerror or err})")
-    texts = None
-    tokenizer = _existing_tokenizer(cfg)
-    if tokenizer is None:
-        texts = read_corpus(cfg)
-        tokenizer = train_tokenizer(cfg, texts)
-    if not (path / META).exists():
-        texts = texts if texts is not None else read_corpus(cfg)
-        print(f"data: tokenizing {cfg.corpus} ({sum(map(len, texts.values())):,} bytes) with "
-              f"{tokenizer_key(cfg)} into {path}", flush=True)
-        _write_cache(path, cfg, texts, tokenizer)
-    return _open(path, cfg, tokenizer)
+    with _one_process_per_host(path.parent):
+        texts = None
+        tokenizer = _existing_tokenizer(cfg)
+        if tokenizer is None:
+            texts = read_corpus(cfg)
+            tokenizer = train_tokenizer(cfg, texts)
+        if not (path / META).exists():
+            texts = texts if texts is not None else read_corpus(cfg)
+            print(f"data: tokenizing {cfg.corpus} ({sum(map(len, texts.values())):,} bytes) with "
+                  f"{tokenizer_key(cfg)} into {path}", flush=True)
+            _write_cache(path, cfg, texts, tokenizer)
+        return _open(path, cfg, tokenizer)
 
 
 def open_cache(cfg: DataConfig) -> TokenCache:
@@ -167,9 +175,7 @@ def train_tokenizer(cfg: DataConfig, texts: dict[str, bytes] | None = None, forc
           f"train split of {cfg.corpus} ({len(texts['train']):,} bytes) -> {path}", flush=True)
     model = train_sentencepiece(texts["train"], cfg.sp_vocab_size, cfg.sp_model_type)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.parent / f"{path.name}.tmp-{os.getpid()}"
-    partial.write_bytes(model)
-    partial.rename(path)
+    storage.write_bytes(path, model)
     return SentencePieceTokenizer(model)
 
 
@@ -178,6 +184,35 @@ def _existing_tokenizer(cfg: DataConfig):
         return ByteTokenizer()
     path = sentencepiece_path(cfg)
     return SentencePieceTokenizer(path.read_bytes()) if path.exists() else None
+
+
+@contextlib.contextmanager
+def _one_process_per_host(directory: epath.Path):
+    """Processes of this host making the same cache take turns (a remote directory needs no turns:
+    only process 0 writes there, see the module docstring)."""
+    if storage.is_remote(directory):
+        yield
+        return
+    with open(directory / ".prepare.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
+        yield
+
+
+def _mirrored(path: epath.Path) -> epath.Path:
+    """A local copy of the remote cache ``path`` (fetched when missing or stale), to memory-map."""
+    local = storage.local_mirror(path)
+    remote_meta = (path / META).read_text()
+    local.parent.mkdir(parents=True, exist_ok=True)
+    with _one_process_per_host(local.parent):
+        if not (local / META).exists() or (local / META).read_text() != remote_meta:
+            print(f"data: copying the cache {path} to {local}", flush=True)
+            partial = local.parent / f"{local.name}.tmp-{os.getpid()}"
+            for stale in (partial, local):
+                if stale.exists():
+                    stale.rmtree()
+            storage.copy_tree(path, partial)
+            partial.rename(local)
+    return local
 
 
 def _open(path: epath.Path, cfg: DataConfig, tokenizer) -> TokenCache:
@@ -189,7 +224,7 @@ def _open(path: epath.Path, cfg: DataConfig, tokenizer) -> TokenCache:
     if made_with != tokenizer.fingerprint:
         raise UserError(f"data cache {path} was made with tokenizer {made_with[:16]}, this run asks for "
                         f"{tokenizer.fingerprint[:16]}; delete it or use another data.cache_dir")
-    cache = TokenCache(path, meta)
+    cache = TokenCache(path, meta, _mirrored(path) if storage.is_remote(path) else None)
     cache.check_fits(cfg)
     return cache
 
@@ -197,9 +232,9 @@ def _open(path: epath.Path, cfg: DataConfig, tokenizer) -> TokenCache:
 def _write_cache(path: epath.Path, cfg: DataConfig, texts: dict[str, bytes], tokenizer) -> None:
     """Tokenize every split into a temporary sibling directory, then rename it into place."""
     for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by a killed prepare
-        shutil.rmtree(stale)
+        stale.rmtree()
     if path.exists():  # a directory without meta.json is not a cache
-        shutil.rmtree(path)
+        path.rmtree()
     partial = path.parent / f"{path.name}.tmp-{os.getpid()}"
     partial.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
+from lmu_jax import storage
 from lmu_jax.errors import UserError
 
 
@@ -17,7 +16,7 @@ def register(subparsers) -> None:
 def cmd_report(args) -> int:
     from lmu_jax.report.report import build_report
 
-    if not Path(args.sweep_dir).is_dir():
+    if not storage.path(args.sweep_dir, "SWEEP_DIR").is_dir():
         raise UserError(f"SWEEP_DIR={args.sweep_dir!r} is invalid: no such directory")
     written = build_report(args.sweep_dir, bootstrap=args.bootstrap)
     print(f"report: {written['html']}  (markdown: {written['markdown']})")

@@ -21,12 +21,14 @@ from __future__ import annotations
 import html
 import math
 import re
+import shutil
+import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import yaml
 
+from lmu_jax import storage
 from lmu_jax.errors import UserError
 from lmu_jax.report import plots
 from lmu_jax.report.runs import budgets_in_order, load_results
@@ -271,28 +273,33 @@ img{max-width:100%;border:1px solid #eee}code{background:#f5f5f5;padding:0 3px}.
 
 
 def build_report(sweep_dir, *, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None) -> dict:
-    """Write report.md, report.html and the figures (PNG + SVG) into ``<sweep_dir>/report``."""
-    sweep_dir = Path(sweep_dir)
+    """Write report.md, report.html and the figures (PNG + SVG) into ``<sweep_dir>/report`` (drawn in a
+    local directory first and copied there when the sweep directory is remote)."""
+    sweep_dir = storage.path(sweep_dir, "SWEEP_DIR")
     results, collected = load_results(sweep_dir)
     if not results:
         raise UserError(f"SWEEP_DIR={str(sweep_dir)!r} has no finished runs to report "
                         f"({len(collected['missing'])} unfinished); run `lmu-jax sweep run SPEC` first")
     out = sweep_dir / "report"
+    local = storage.path(tempfile.mkdtemp(prefix="lmu_jax-report-")) if storage.is_remote(out) else out
     spec = yaml.safe_load((sweep_dir / "spec.yaml").read_text()) if (sweep_dir / "spec.yaml").exists() else {}
     families = list(dict.fromkeys(r.family for r in sorted(results, key=lambda r: _family_order(spec, r.family))))
     fits = fit_sweep(results, bootstrap=bootstrap, chinchilla_grid=chinchilla_grid)
     figures = {
-        "loss_vs_tokens": plots.loss_vs_tokens(results, out),
-        "loss_vs_flops": plots.loss_vs_flops(results, fits["frontiers"], out),
+        "loss_vs_tokens": plots.loss_vs_tokens(results, local),
+        "loss_vs_flops": plots.loss_vs_flops(results, fits["frontiers"], local),
         "loss_vs_params": plots.loss_vs_params(results, [e for e in fits["L(N)"] + fits["L(N, D)"]
-                                                         if e["fit"] is not None], out),
-        "per_position": plots.per_position(results, out),
+                                                         if e["fit"] is not None], local),
+        "per_position": plots.per_position(results, local),
     }
     sections = build_sections(spec, results, collected, fits, families, bootstrap)
-    md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(render_markdown(sections))
-    html_path.write_text(render_html(sections, spec.get("name", sweep_dir.name)))
-    return {"markdown": md_path, "html": html_path, "figures": figures, "fits": fits, "results": results}
+    (local / "report.md").write_text(render_markdown(sections))
+    (local / "report.html").write_text(render_html(sections, spec.get("name", sweep_dir.name)))
+    if local != out:
+        storage.copy_tree(local, out)
+        shutil.rmtree(local)
+    return {"markdown": out / "report.md", "html": out / "report.html", "figures": figures, "fits": fits,
+            "results": results}
 
 
 def _family_order(spec, family):

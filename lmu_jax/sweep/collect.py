@@ -20,11 +20,12 @@ from elsewhere still collects.
 from __future__ import annotations
 
 import csv
+import io
 import json
-from pathlib import Path
 
 import yaml
 
+from lmu_jax import storage
 from lmu_jax.errors import UserError
 from lmu_jax.sweep.runner import SweepDir, run_status
 
@@ -36,7 +37,7 @@ TRAIN_LOSS_TAIL = 10
 
 def read_metrics(path) -> list[dict]:
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in storage.path(path).read_text().splitlines():
         line = line.strip()
         if line:
             try:
@@ -46,7 +47,7 @@ def read_metrics(path) -> list[dict]:
     return records
 
 
-def run_row(run_dir: Path, planned: dict | None) -> dict:
+def run_row(run_dir, planned: dict | None) -> dict:
     """The CSV row of one finished run directory."""
     evaluation = json.loads((run_dir / "eval.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -103,11 +104,12 @@ def collect(sweep_dir) -> dict:
         evaluation = json.loads((run_dir / "eval.json").read_text())
         per_position[rid] = {"family": row["family"], "N": row["N"], "D": row["D"], "C": row["C"],
                              "val_loss": row["val_loss"], "per_position_loss": evaluation["per_position_loss"]}
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
     csv_path = sweep.path / "results.csv"
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
+    storage.write_text(csv_path, table.getvalue())
     json_path = sweep.path / "per_position.json"
-    json_path.write_text(json.dumps(per_position, indent=1) + "\n")
+    storage.write_text(json_path, json.dumps(per_position, indent=1) + "\n")
     return {"rows": rows, "per_position": per_position, "missing": missing, "csv": csv_path, "json": json_path}

@@ -48,7 +48,10 @@ def _load(args):
     from lmu_jax.sweep.spec import expand, load_spec
 
     spec = load_spec(args.spec)
-    return spec, expand(spec), Path(args.sweep_dir) if args.sweep_dir else default_sweep_dir(spec)
+    from lmu_jax import storage
+
+    sweep_dir = storage.path(args.sweep_dir, "--sweep-dir") if args.sweep_dir else default_sweep_dir(spec)
+    return spec, expand(spec), sweep_dir
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -198,7 +201,7 @@ def cmd_collect(args) -> int:
     from lmu_jax.sweep.collect import collect
 
     _, _, sweep_dir = _load(args)
-    if not Path(sweep_dir).is_dir():
+    if not sweep_dir.is_dir():
         raise UserError(f"--sweep-dir {sweep_dir} does not exist; run `lmu-jax sweep run {args.spec}` first")
     result = collect(sweep_dir)
     print(f"{len(result['rows'])} finished runs -> {result['csv']} and {result['json']}"

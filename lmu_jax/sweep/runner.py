@@ -12,6 +12,17 @@ Layout of a sweep directory::
 A run is ``done`` when its DONE file exists (the trainer's own marker), whatever sweep.json says; a
 finished run is skipped and a partial one resumes from its last checkpoint, because rerunning
 ``lmu-jax train`` on a run directory does exactly that.
+
+On a pod the runner runs on every host (``lmu-jax sweep run`` on all workers), and each starts its
+host's trainer process of one multi-process job (``distributed.job_process`` says which process this
+is, from the environment). Only process 0 writes the sweep directory (spec, plan, configs, sweep.json,
+train.log); the others write their trainer's config to a local file and leave its output on their
+own stdout (the launcher's per-worker log). A job of several processes never skips a run that
+sweep.json calls ``running``: that record may be its own process 0's, or a dead attempt's from a
+preempted slice; another live job in the same run directory is refused by the trainer's run lock.
+
+The sweep directory may be remote (``gs://``, see ``lmu_jax.storage``): then train.log is written
+locally during an attempt and appended to the remote one after it.
 """
 
 from __future__ import annotations
@@ -22,6 +33,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -29,6 +41,7 @@ from pathlib import Path
 
 import yaml
 
+from lmu_jax import distributed, storage
 from lmu_jax.config import dump_config
 from lmu_jax.errors import UserError
 from lmu_jax.sweep.spec import PlannedRun, SweepSpec
@@ -41,39 +54,32 @@ LOG_FILE = "train.log"
 
 class SweepDir:
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = storage.path(path, "--sweep-dir")
         self.spec_path = self.path / "spec.yaml"
         self.plan_path = self.path / "plan.json"
         self.configs = self.path / "configs"
         self.runs = self.path / "runs"
 
-    def run_dir(self, run_id: str) -> Path:
+    def run_dir(self, run_id: str):
         return self.runs / run_id
 
-    def config_path(self, run_id: str) -> Path:
+    def config_path(self, run_id: str):
         return self.configs / f"{run_id}.yaml"
 
     def write_plan(self, spec: SweepSpec, runs: list[PlannedRun]) -> None:
         """Record the spec and every run's config; a rerun rewrites them with the same content."""
         self.configs.mkdir(parents=True, exist_ok=True)
         self.runs.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.spec_path, yaml.safe_dump(spec.raw, sort_keys=False))
-        _write_atomic(self.plan_path, json.dumps({"name": spec.name, "runs": [r.summary() for r in runs]},
-                                                 indent=1) + "\n")
+        storage.write_text(self.spec_path, yaml.safe_dump(spec.raw, sort_keys=False))
+        storage.write_text(self.plan_path, json.dumps({"name": spec.name, "runs": [r.summary() for r in runs]},
+                                                      indent=1) + "\n")
         for run in runs:
-            _write_atomic(self.config_path(run.run_id), dump_config(run.config))
+            storage.write_text(self.config_path(run.run_id), dump_config(run.config))
 
     def read_plan(self) -> list[dict]:
         if not self.plan_path.exists():
             return []
         return json.loads(self.plan_path.read_text())["runs"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write then rename; the temporary name is per process (pod workers may share the directory)."""
-    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- status
@@ -90,18 +96,18 @@ class RunStatus:
     step: int = 0  # last step logged in metrics.jsonl
 
 
-def read_record(run_dir: Path) -> dict:
+def read_record(run_dir) -> dict:
     try:
         return json.loads((run_dir / STATUS_FILE).read_text())
     except (OSError, ValueError):
         return {}
 
 
-def last_step(run_dir: Path) -> int:
+def last_step(run_dir) -> int:
     """The last train step in metrics.jsonl (reads only the file's end)."""
     path = run_dir / "metrics.jsonl"
     try:
-        with open(path, "rb") as f:
+        with path.open("rb") as f:
             f.seek(0, os.SEEK_END)
             f.seek(max(f.tell() - 8192, 0))
             lines = f.read().decode("utf-8", "replace").splitlines()
@@ -152,9 +158,29 @@ def error_line(lines) -> str:
     return lines[-1] if lines else ""
 
 
-def train_command(sweep: SweepDir, run_id: str) -> list[str]:
-    return [sys.executable, "-m", "lmu_jax.cli", "train", "--config", str(sweep.config_path(run_id)),
-            "--run-dir", str(sweep.run_dir(run_id))]
+def train_command(config_path, run_dir) -> list[str]:
+    return [sys.executable, "-m", "lmu_jax.cli", "train", "--config", str(config_path), "--run-dir", str(run_dir)]
+
+
+def _run_child(command: list[str], stdout, env, on_poll, poll_s: float) -> int:
+    """The child's exit code. Its own session: a Ctrl-C at the terminal reaches only this runner, which
+    then asks the child to stop with SIGTERM, on which the trainer saves a checkpoint (so a rerun
+    resumes, not restarts); the interruption is re-raised once the child has gone. ``on_poll(pid)``
+    runs right after the start and then about every ``poll_s`` seconds."""
+    child = subprocess.Popen(command, stdout=stdout, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                             start_new_session=True)
+    try:
+        while True:
+            if on_poll is not None:  # first right after the start, then every poll_s
+                on_poll(child.pid)
+            try:
+                return child.wait(timeout=poll_s)
+            except subprocess.TimeoutExpired:
+                pass
+    except BaseException:
+        child.terminate()
+        child.wait()
+        raise
 
 
 def execute(sweep: SweepDir, run_id: str, *, env: dict | None = None, on_poll=None, poll_s: float = 1.0) -> RunStatus:
@@ -167,37 +193,34 @@ def execute(sweep: SweepDir, run_id: str, *, env: dict | None = None, on_poll=No
     previous = read_record(run_dir)
     record = {"run_id": run_id, "state": "running", "host": socket.gethostname(),
               "attempts": previous.get("attempts", 0) + 1, "started": time.time(),
-              "command": train_command(sweep, run_id)}
-    log_path = run_dir / LOG_FILE
+              "command": train_command(sweep.config_path(run_id), run_dir)}
+    remote_log = run_dir / LOG_FILE
+    log_path = _staging_file("train-", ".log") if storage.is_remote(run_dir) else remote_log
+
+    def poll(pid):
+        if "pid" not in record:  # the record names the child (`sweep status`, a second runner)
+            record["pid"] = pid
+            storage.write_text(run_dir / STATUS_FILE, json.dumps(record, indent=1))
+        elif on_poll is not None:
+            on_poll(run_id)
+
     with open(log_path, "ab") as log:
         log.write(f"\n=== attempt {record['attempts']} at {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                   f"{' '.join(record['command'])}\n".encode())
         log.flush()
         start_offset = log.tell()
-        # Its own session: a Ctrl-C at the terminal reaches only this runner, which then asks the child
-        # to stop with SIGTERM, on which the trainer saves a checkpoint (so a rerun resumes, not restarts).
-        child = subprocess.Popen(record["command"], stdout=log, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        record["pid"] = child.pid
-        _write_atomic(run_dir / STATUS_FILE, json.dumps(record, indent=1))
         try:
-            while True:
-                try:
-                    returncode = child.wait(timeout=poll_s)
-                    break
-                except subprocess.TimeoutExpired:
-                    if on_poll is not None:
-                        on_poll(run_id)
-        except BaseException as err:  # Ctrl-C or SIGTERM: stop the child too, and say so in the record
-            child.terminate()
-            child.wait()
-            record.update(state="stopped", returncode=child.returncode, ended=time.time(),
+            returncode = _run_child(record["command"], log, env, poll, poll_s)
+        except BaseException as err:  # Ctrl-C or SIGTERM: the child is stopped; say so in the record
+            record.update(state="stopped", ended=time.time(),
                           error=f"interrupted ({type(err).__name__}); a rerun resumes from its last checkpoint")
-            _write_atomic(run_dir / STATUS_FILE, json.dumps(record, indent=1))
+            storage.write_text(run_dir / STATUS_FILE, json.dumps(record, indent=1))
+            _upload_log(log_path, remote_log)
             raise
     with open(log_path, "rb") as log:
         log.seek(start_offset)
         tail = deque(log.read().decode("utf-8", "replace").splitlines(), maxlen=LOG_TAIL_LINES)
+    _upload_log(log_path, remote_log)
     done = (run_dir / "DONE").exists()
     record.update(state="done" if returncode == 0 and done else "failed", returncode=returncode,
                   ended=time.time(), log_tail=list(tail))
@@ -207,8 +230,37 @@ def execute(sweep: SweepDir, run_id: str, *, env: dict | None = None, on_poll=No
             record["error"] = f"killed by {signal.Signals(-returncode).name}; last output: {record['error']}"
         elif returncode == 0:  # e.g. a SIGTERM checkpoint-and-exit: resumable, but not finished
             record["error"] = f"exited without finishing ({record['error']})"
-    _write_atomic(run_dir / STATUS_FILE, json.dumps(record, indent=1))
+    storage.write_text(run_dir / STATUS_FILE, json.dumps(record, indent=1))
     return run_status(sweep, run_id)
+
+
+def take_part(sweep: SweepDir, run: PlannedRun, *, env: dict | None = None) -> RunStatus:
+    """A pod's process > 0: run this host's trainer of the job and write nothing in the sweep
+    directory (process 0 records the run); the output stays on this process's stdout."""
+    config = _staging_file(f"{run.run_id}-", ".yaml")
+    config.write_text(dump_config(run.config))
+    try:
+        returncode = _run_child(train_command(config, sweep.run_dir(run.run_id)), None, env, None, 1.0)
+    finally:
+        config.unlink(missing_ok=True)
+    done = (sweep.run_dir(run.run_id) / "DONE").exists()
+    return RunStatus(run.run_id, "done" if returncode == 0 and done else "failed", returncode=returncode,
+                     error="" if returncode == 0 else f"exit code {returncode}; see this worker's log")
+
+
+def _staging_file(prefix: str, suffix: str) -> Path:
+    fd, name = tempfile.mkstemp(prefix=f"lmu_jax-{prefix}", suffix=suffix)
+    os.close(fd)
+    return Path(name)
+
+
+def _upload_log(local: Path, remote) -> None:
+    """Append this attempt's local log to a remote train.log (nothing to do for a local one)."""
+    if local == remote:
+        return
+    before = remote.read_bytes() if remote.exists() else b""
+    storage.write_bytes(remote, before + local.read_bytes())
+    local.unlink(missing_ok=True)
 
 
 def run_sweep(spec: SweepSpec, runs: list[PlannedRun], sweep_dir, *, only: str | None = None,
@@ -217,24 +269,30 @@ def run_sweep(spec: SweepSpec, runs: list[PlannedRun], sweep_dir, *, only: str |
     sweep = SweepDir(sweep_dir)
     if only is not None and only not in {r.run_id for r in runs}:
         raise UserError(f"--only {only!r} is not a run of this sweep; see `lmu-jax sweep plan SPEC --format ids`")
-    sweep.write_plan(spec, runs)
+    job = distributed.job_process()
+    main = job is None or job[0] == 0
+    if main:
+        sweep.write_plan(spec, runs)
     todo = [r for r in runs if only is None or r.run_id == only]
-    bar = _progress_bar(len(todo), progress, out)
+    bar = _progress_bar(len(todo), progress and main, out)
     statuses = []
     previous_handler = _stop_on_sigterm()
     try:
         for i, run in enumerate(todo, 1):
             label = f"run {i}/{len(todo)} {run.family} N={run.n_params:,} {run.steps} steps"
             status = run_status(sweep, run.run_id)
-            if status.state == "running":
+            if status.state == "running" and job is None:
                 _say(bar, out, f"{label}: already running elsewhere (pid in {STATUS_FILE}); skipped")
             elif status.state == "done":
                 _say(bar, out, f"{label}: done before; skipped")
             else:
                 if bar is not None:
                     bar.set_description(label)
-                status = execute(sweep, run.run_id, env=env,
-                                 on_poll=lambda rid: _show_step(bar, sweep, rid, run.steps))
+                if main:
+                    status = execute(sweep, run.run_id, env=env,
+                                     on_poll=lambda rid: _show_step(bar, sweep, rid, run.steps))
+                else:
+                    status = take_part(sweep, run, env=env)
                 message = "done" if status.state == "done" else f"FAILED: {status.error}"
                 _say(bar, out, f"{label}: {message}")
             statuses.append(status)

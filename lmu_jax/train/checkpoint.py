@@ -32,19 +32,18 @@ inject write errors.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lmu_jax import distributed
+from lmu_jax import distributed, storage
 from lmu_jax.errors import UserError
 
 log = logging.getLogger("lmu_jax")
@@ -121,7 +120,7 @@ def _alive(state) -> bool:
 
 class Checkpointer:
     def __init__(self, directory, ckpt_cfg):
-        self.directory = Path(directory)
+        self.directory = storage.absolute(storage.path(directory, "checkpoint directory"))
         self.keep, self.keep_every = ckpt_cfg.keep, ckpt_cfg.keep_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours (module docstring): orbax deletes nothing
@@ -281,6 +280,8 @@ class Checkpointer:
 
         With ``set_aside_unusable`` (the trainer), the unusable ones newer than the one restored are
         moved out of the way, so the run can write those steps again."""
+        if set_aside_unusable:
+            self._drop_interrupted_writes()
         unusable = []
         for step in reversed(self.steps()):
             try:
@@ -301,11 +302,26 @@ class Checkpointer:
                                   "another version of the code, move them away to start the run over")
         return None, None
 
+    def _drop_interrupted_writes(self) -> None:
+        """On an object store orbax writes ``<step>/`` in place and marks it committed last (its
+        ``commit_success.txt``); a ``<step>/`` without the mark is an interrupted write, never a
+        checkpoint (like a local ``.orbax-checkpoint-tmp``): removed, so that step can be written again."""
+        if not storage.is_remote(self.directory):
+            return
+        if jax.process_index() == 0 and self.directory.exists():
+            committed = set(self.steps())
+            for partial in self.directory.iterdir():
+                if partial.name.isdigit() and int(partial.name) not in committed:
+                    partial.rmtree()
+        distributed.barrier("checkpoint-drop-interrupted")
+        self.manager.reload()
+
     def _set_aside(self, step: int) -> None:
         """Move a bad ``<step>`` out of orbax's view; drop half-written ``<step>.orbax-checkpoint-tmp``."""
         if jax.process_index() == 0:
             for partial in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
-                shutil.rmtree(partial, ignore_errors=True)  # an interrupted write is never a checkpoint
+                with contextlib.suppress(OSError):  # an interrupted write is never a checkpoint
+                    partial.rmtree()
             final = self.directory / str(step)
             if final.exists():
                 final.rename(self.directory / f"{step}.unusable-{int(time.time() * 1000)}")

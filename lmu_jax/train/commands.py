@@ -68,7 +68,9 @@ def cmd_eval(args) -> int:
     from lmu_jax import distributed
     from lmu_jax.config import config_from_dict, read_yaml
 
-    config_path = Path(args.run_dir) / "config.yaml"
+    from lmu_jax import storage
+
+    config_path = storage.path(args.run_dir, "run_dir") / "config.yaml"
     if not config_path.exists():
         raise UserError(f"run_dir={args.run_dir!r} is invalid: no config.yaml there (not a run directory)")
     cfg = config_from_dict(read_yaml(config_path))
@@ -77,7 +79,7 @@ def cmd_eval(args) -> int:
     from lmu_jax.train.loop import Trainer
 
     trainer = Trainer(cfg, args.run_dir)
-    ckpt = Checkpointer(trainer.run.checkpoints.absolute(), cfg.checkpoint)
+    ckpt = Checkpointer(trainer.run.checkpoints, cfg.checkpoint)
     state, _ = ckpt.restore_latest(trainer.abstract_state)
     ckpt.close()
     if state is None:

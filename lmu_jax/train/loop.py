@@ -24,7 +24,7 @@ from jax.experimental import multihost_utils
 
 from lmu_jax import distributed
 from lmu_jax.config import RunConfig, run_id
-from lmu_jax.data.pipeline import WindowBatcher, open_cache, prepare, to_global_array, validation_windows
+from lmu_jax.data.pipeline import WindowBatcher, prepare, to_global_array, validation_windows
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
 from lmu_jax.metrics import MetricsWriter, peak_flops_total
@@ -48,9 +48,11 @@ class NonFiniteLoss(Exception):
 
 
 def open_data(cfg: RunConfig):
-    """Process 0 tokenizes (once, cached); the others open the cache once it has succeeded."""
-    cache = on_main_agreed(lambda: prepare(cfg.data), f"data.corpus={cfg.data.corpus!r}")
-    return cache if distributed.is_main_process() else open_cache(cfg.data)
+    """Process 0 tokenizes first (once, cached); then every other process opens the cache, making it
+    on its own host's disk when that host has none (pod hosts do not share disks)."""
+    what = f"data.corpus={cfg.data.corpus!r}"
+    cache = on_main_agreed(lambda: prepare(cfg.data), what)
+    return distributed.agreed(lambda: cache if cache is not None else prepare(cfg.data), what)
 
 
 class Trainer:
@@ -68,7 +70,9 @@ class Trainer:
         if cfg.train.batch_size % jax.process_count():
             raise bad_value("train.batch_size", cfg.train.batch_size,
                             f"a multiple of the process count {jax.process_count()}")
+        distributed.check_agreement({"mesh shape": dict(self.mesh.shape), "config (run id)": run_id(cfg)})
         self.cache = open_data(cfg)
+        distributed.check_agreement({"data fingerprint": self.cache.fingerprint})
         self.seq_len = cfg.data.seq_len
         self.model_cfg = cfg.model.resolved(self.cache.vocab_size, self.seq_len)
         self.model_cfg.validate()
@@ -182,7 +186,7 @@ class Trainer:
         ckpt = writer = progress = preemption = None
         self.step_reached = 0
         try:
-            ckpt = Checkpointer(run.checkpoints.absolute(), cfg.checkpoint)
+            ckpt = Checkpointer(run.checkpoints, cfg.checkpoint)
             state, meta = ckpt.restore_latest(self.abstract_state, set_aside_unusable=True)
             if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
                 raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
@@ -277,6 +281,7 @@ class Trainer:
                     flush(pending)
                     pending = None
                 ckpt.save(state, self.meta())
+                writer.sync()  # a remote metrics.jsonl keeps up with the checkpoints
             if stop and not is_last:
                 ckpt.wait()
                 if main:

@@ -9,6 +9,11 @@
   recycled pid is not mistaken for the holder. The file names the holder (pid, host) for the message.
   Where the filesystem has no flock, a pid file is used instead; one left by a dead process on this
   host is taken over.
+- On an object store (``gs://``, see ``lmu_jax.storage``) there is no flock: the lock is a **lease**,
+  a ``.lock`` object made by exclusive create and rewritten by its holder every ``LEASE_TTL_S / 3``
+  seconds. A launch that finds one waits up to ``LEASE_TTL_S`` for it to change: a lease that is not
+  renewed in that time belongs to a dead launch (a preempted slice) and is taken over; one left by a
+  dead pid on this very host is taken over at once. No clocks are compared between hosts.
 - A launch that fails before training removes the directory if it made it (``open`` / ``remove``).
 """
 
@@ -19,16 +24,19 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
-from pathlib import Path
+import threading
+import time
+import uuid
 
 import yaml
 
+from lmu_jax import storage
 from lmu_jax.config import RunConfig, dump_config
 from lmu_jax.errors import UserError
 
 RESTARTABLE_SECTIONS = ("mesh", "log", "distributed", "checkpoint")
+LEASE_TTL_S = 60.0  # seconds an object-store run lock lives without renewal
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -43,13 +51,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 class RunDir:
     def __init__(self, path):
-        self.path = Path(path)
+        self.path = storage.path(path, "--run-dir")
         self.config_path = self.path / "config.yaml"
         self.done_path = self.path / "DONE"
         self.lock_path = self.path / ".lock"
         self.checkpoints = self.path / "checkpoints"
         self.eval_path = self.path / "eval.json"
-        self._lock_fd = None  # the open, flock-ed .lock (-1: the pid-file fallback)
+        self._lock_fd = None  # the open, flock-ed .lock (-1: the pid-file fallback or a lease)
+        self._lease = None  # the renewing lease on an object store
 
     @property
     def done(self) -> bool:
@@ -92,12 +101,9 @@ class RunDir:
                                 f"{self.config_path}; resume with the same settings or use a new --run-dir")
 
     def _write_config(self, cfg: RunConfig) -> None:
-        tmp = self.config_path.with_suffix(".tmp")
         try:
-            tmp.write_text(dump_config(cfg))
-            os.replace(tmp, self.config_path)
+            storage.write_text(self.config_path, dump_config(cfg))
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise UserError(f"--run-dir {self.path}: cannot write {self.config_path.name} ({err.strerror or err})")
 
     def open(self, cfg: RunConfig) -> bool:
@@ -124,18 +130,24 @@ class RunDir:
     def remove(self) -> None:
         """Delete the run directory: only ever one this launch created and holds the lock of, before
         anything was trained in it."""
-        shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.path.rmtree()
 
     def check_free_space(self, state_bytes: int, keep: int) -> None:
-        """Refuse to start when not even one checkpoint (about the state's size) fits on the disk."""
-        free = shutil.disk_usage(self.path).free
-        if free < state_bytes:
+        """Refuse to start when not even one checkpoint (about the state's size) fits on the disk
+        (an object store has no free-space figure: nothing to check)."""
+        free = storage.free_bytes(self.path)
+        if free is not None and free < state_bytes:
             raise UserError(f"--run-dir {self.path} has {free / 2**20:.1f} MiB free, less than one checkpoint "
                             f"({state_bytes / 2**20:.1f} MiB; checkpoint.keep={keep} needs about "
                             f"{(keep + 1) * state_bytes / 2**20:.1f} MiB); free space or use another --run-dir")
 
     def acquire_lock(self) -> None:
         me = {"pid": os.getpid(), "host": socket.gethostname()}
+        if storage.is_remote(self.path):
+            self._lease = Lease.acquire(self.lock_path, me, f"--run-dir {self.path}")
+            self._lock_fd = -1
+            return
         fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -164,6 +176,10 @@ class RunDir:
         fd = self._lock_fd
         if fd is None:
             return
+        if self._lease is not None:
+            self._lease.release()
+            self._lease, self._lock_fd = None, None
+            return
         self.lock_path.unlink(missing_ok=True)
         if fd >= 0:
             os.close(fd)
@@ -185,18 +201,16 @@ class RunDir:
         self._lock_fd = -1
 
     def mark_done(self, summary: dict) -> None:
-        self.done_path.write_text(json.dumps(summary, indent=1) + "\n")
+        storage.write_text(self.done_path, json.dumps(summary, indent=1) + "\n")
 
     def write_eval(self, result: dict) -> None:
-        tmp = self.eval_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, self.eval_path)
+        storage.write_text(self.eval_path, json.dumps(result, indent=1) + "\n")
 
 
 def _read_holder(fd, path=None) -> dict:
     """The {pid, host} written into a lock file ({} if unreadable: e.g. a holder still writing it)."""
     try:
-        text = os.pread(fd, 4096, 0).decode() if fd is not None else Path(path).read_text()
+        text = os.pread(fd, 4096, 0).decode() if fd is not None else path.read_text()
         holder = json.loads(text)
         return holder if isinstance(holder, dict) else {}
     except (OSError, ValueError):
@@ -214,3 +228,72 @@ def pid_alive(pid: int | None) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class Lease:
+    """The run lock on an object store: ``{pid, host, token, renewals}`` in one object, made by exclusive
+    create and rewritten every ``ttl / 3`` s by a daemon thread of its holder (module docstring)."""
+
+    def __init__(self, path, me: dict, ttl: float):
+        self.path, self.ttl = path, ttl
+        self.me = dict(me, token=uuid.uuid4().hex, renewals=0)
+        self._stop = threading.Event()
+        self._thread = None
+
+    @classmethod
+    def acquire(cls, path, me: dict, what: str, ttl: float | None = None) -> "Lease":
+        lease = cls(path, me, LEASE_TTL_S if ttl is None else ttl)
+        for _ in range(4):
+            if storage.create_exclusive(path, json.dumps(lease.me)) and lease._mine():
+                lease._thread = threading.Thread(target=lease._renew, name="run-lease", daemon=True)
+                lease._thread.start()
+                return lease
+            holder = _read_holder(None, path)
+            if holder and holder.get("host") == me["host"] and not pid_alive(holder.get("pid")):
+                path.unlink(missing_ok=True)  # left by a dead process on this host
+                continue
+            if holder and lease._renewed(holder):
+                raise UserError(f"{what} is in use by pid {holder.get('pid', '?')} on {holder.get('host', '?')} "
+                                f"(it renews {path}); wait for it to finish or stop it, then run the same "
+                                "command again")
+            if holder and _read_holder(None, path).get("token") == holder.get("token"):
+                print(f"{what}: taking over {path} from pid {holder.get('pid')} on {holder.get('host')}: "
+                      f"not renewed for {lease.ttl:g} s", flush=True)
+                path.unlink(missing_ok=True)
+        raise UserError(f"{what}: could not take the lock {path}: other launches keep taking it")
+
+    def _mine(self) -> bool:
+        return _read_holder(None, self.path).get("token") == self.me["token"]
+
+    def _renewed(self, holder: dict) -> bool:
+        """Whether the lease ``holder`` changes (or goes) within one ttl: the holder is alive."""
+        deadline = time.monotonic() + self.ttl
+        while time.monotonic() < deadline:
+            now = _read_holder(None, self.path)
+            if not now:
+                return False  # released meanwhile: free to take
+            if (now.get("token"), now.get("renewals")) != (holder.get("token"), holder.get("renewals")):
+                return True
+            time.sleep(min(self.ttl / 10, 2.0))
+        return False
+
+    def _renew(self) -> None:
+        while not self._stop.wait(self.ttl / 3):
+            try:
+                if not self._mine():
+                    import logging
+
+                    logging.getLogger("lmu_jax").error("lost the run lock %s to another launch", self.path)
+                    return
+                self.me["renewals"] += 1
+                storage.write_text(self.path, json.dumps(self.me))
+            except OSError:  # storage hiccup: try again next period; the ttl leaves room for two misses
+                pass
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        with contextlib.suppress(OSError):
+            if self._mine():
+                self.path.unlink(missing_ok=True)

@@ -51,7 +51,7 @@ def test_run_dir_that_cannot_be_a_directory(setup, tmp_path, capsys):
 
 def test_full_disk_is_refused_before_training_and_leaves_nothing(setup, tmp_path, capsys, monkeypatch):
     _, config = setup
-    monkeypatch.setattr("lmu_jax.train.rundir.shutil.disk_usage", lambda path: type("U", (), {"free": 4096})())
+    monkeypatch.setattr("lmu_jax.storage.shutil.disk_usage", lambda path: type("U", (), {"free": 4096})())
     run = tmp_path / "runs" / "new"
     assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 2
     err = one_line_error(capsys)
