@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lmu_jax.config import OptimConfig, config_from_dict
-from lmu_jax.data.pipeline import StreamBatcher
+from lmu_jax.data.pipeline import StreamBatcher, word_count
 from lmu_jax.errors import UserError
 from lmu_jax.flops import model_flops_per_token
 from lmu_jax.models import carries_state, data_order, reset_rows
@@ -95,7 +95,8 @@ def test_memory_evaluation_equals_one_long_pass(tmp_path, kjv_cache):
     """With an evaluation memory as long as each stream, the segmented, memory-carrying evaluation of
     the split = one stateless pass over each whole stream (same_length off); every target once."""
     streams, per_stream, seg_len = 8, 24, 5  # 5 segments per stream, the last one partial
-    raw = tiny_config(kjv_cache, eval={"streams": streams, "seg_len": seg_len, "max_tokens": streams * per_stream})
+    raw = tiny_config(kjv_cache, eval={"streams": streams, "seg_len": seg_len, "max_tokens": streams * per_stream,
+                                       "word_level": True})
     raw["model"] = {"family": "transformer_xl", "d_model": 16, "n_layers": 2, "n_head": 2, "dropout": 0.0,
                     "eval_mem_len": per_stream}
     trainer = Trainer(config_from_dict(raw), tmp_path / "run")
@@ -107,6 +108,9 @@ def test_memory_evaluation_equals_one_long_pass(tmp_path, kjv_cache):
     one_pass = token_losses(trainer.model.apply, jax.device_get(params), jnp.asarray(rows), train=False)
     assert result["loss"] == pytest.approx(float(np.mean(np.asarray(one_pass, np.float64))), rel=2e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)  # bytes = tokens
+    words = word_count(bytes(tokens[1:].astype(np.uint8)))  # KJV bytes, no document separator this early
+    assert result["words"] == words and 20 < words < 60
+    assert result["word_perplexity"] == pytest.approx(math.exp(result["loss"] * result["targets"] / words))
 
 
 def test_phase_two_starts_from_phase_one(tmp_path, kjv_cache):
