@@ -1,6 +1,7 @@
 """The trainer with carried state (Transformer-XL memory on ordered streams): per-row resets in the train
 step, causality across segments on the trainer's path, FLOPs as computed, the memory evaluation against
-one long pass, and training by phases (train.init_from). Resume: tests/reliability/test_faults_carried_state.py."""
+one long pass, a stopped and resumed run bitwise equal to an uninterrupted one, and training by phases
+(train.init_from). NaN skipping with a carried state: tests/reliability/test_faults_numeric.py."""
 
 import math
 
@@ -18,11 +19,13 @@ from lmu_jax.models import carries_state, data_order, reset_rows
 from lmu_jax.models.transformer_xl import TransformerXL, TransformerXLConfig, initial_state
 from lmu_jax.sizing import solve
 from lmu_jax.sweep.spec import parse_spec, plan_family
+from lmu_jax.train import loop
+from lmu_jax.train.checkpoint import Checkpointer
 from lmu_jax.train.loop import Trainer, _checkpoint_source
 from lmu_jax.train.optim import make_optimizer
 from lmu_jax.train.step import token_losses, train_step
 
-from helpers import tiny_config
+from helpers import persistent_compile_cache, tiny_config, train_losses
 
 VOCAB, SEG = 31, 6
 
@@ -113,26 +116,55 @@ def test_memory_evaluation_equals_one_long_pass(tmp_path, kjv_cache):
     assert result["word_perplexity"] == pytest.approx(math.exp(result["loss"] * result["targets"] / words))
 
 
-def test_phase_two_starts_from_phase_one(tmp_path, kjv_cache):
+@pytest.fixture(scope="module")
+def phase1(tmp_path_factory, kjv_cache, compile_cache):
+    """SCH-TXL phase 1 (skips with their memory ages and cross-head permutations on every step), on ordered
+    streams, 8 steps, checkpoints at 4 and 8: (raw config, its trainer after training)."""
+    raw = tiny_config(kjv_cache, train={"steps": 8}, checkpoint={"every": 4, "keep": 2})
+    raw["model"] = {"family": "sch_txl", "d_model": 16, "n_layers": 3, "n_head": 2, "d_inner": 32, "dropout": 0.1,
+                    "skip_prob_scale": 1.0, "ch_prob": 0.5}
+    with persistent_compile_cache(compile_cache):  # the trainers of the tests below compile from it
+        trainer = Trainer(config_from_dict(raw), tmp_path_factory.mktemp("phase1") / "run")
+        assert trainer.carried and set(trainer.abstract_state["carry"]) == {"mems", "valid", "age"}
+        trainer.train()
+        yield raw, trainer
+
+
+def test_carried_state_resumes_bitwise(phase1, tmp_path, monkeypatch):
+    """Stopped (SIGTERM's in-process stand-in) after step 3 and resumed: bitwise the uninterrupted run, the
+    memory and its ages restored from step 3's checkpoint."""
+    raw, straight = phase1
+    monkeypatch.setattr(loop.Preemption, "__call__", lambda self, step: step == 3)
+    assert Trainer(config_from_dict(raw), tmp_path / "run").train()["status"] == "preempted"
+    monkeypatch.undo()
+    resumed = Trainer(config_from_dict(raw), tmp_path / "run")
+    ckpt = Checkpointer(resumed.run.checkpoints.absolute(), resumed.cfg.checkpoint)
+    state, meta = ckpt.restore_latest(resumed.abstract_state)
+    ckpt.close()
+    assert meta["step"] == 3 and np.asarray(state["carry"]["valid"]).max() > 0  # step 3's memory, not a fresh one
+    assert resumed.train()["status"] == "done"
+    assert train_losses(tmp_path / "run") == train_losses(straight.run.path)
+    for a, b in zip(jax.tree.leaves(resumed.final_state), jax.tree.leaves(straight.final_state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_phase_two_starts_from_phase_one(phase1, tmp_path):
     """SCH-TXL by phases: phase 2 (no skips) starts from phase 1's parameters (its newest checkpoint, or
     the one named), with its own fresh optimizer, step and memory."""
-    raw = tiny_config(kjv_cache, train={"steps": 2}, checkpoint={"every": 1, "keep": 3})
-    raw["model"] = {"family": "sch_txl", "d_model": 16, "n_layers": 3, "n_head": 2, "d_inner": 32,
-                    "skip_prob_scale": 1.0}
-    phase1 = Trainer(config_from_dict(raw), tmp_path / "phase1")
-    phase1.train()
+    raw, phase1 = phase1
+    source = phase1.run.path
 
-    def phase2(source, run_dir, **model):
+    def phase2(init_from, run_dir, **model):
         return Trainer(config_from_dict({**raw, "model": {**raw["model"], "skip_prob_scale": 0.0, **model},
-                                         "train": {**raw["train"], "init_from": str(source)}}), run_dir)
+                                         "train": {**raw["train"], "init_from": str(init_from)}}), run_dir)
 
     with pytest.raises(UserError, match="train.init_from"):  # through train(): refused before anything compiles
         phase2(tmp_path / "nowhere", tmp_path / "bad").train()
     with pytest.raises(UserError, match="parameter shapes"):
-        phase2(tmp_path / "phase1", tmp_path / "other", d_model=32).train()
+        phase2(source, tmp_path / "other", d_model=32).train()
     assert not (tmp_path / "bad").exists() and not (tmp_path / "other").exists()
-    assert _checkpoint_source(str(tmp_path / "phase1" / "checkpoints" / "1")) == (tmp_path / "phase1", 1)
-    latest = phase2(tmp_path / "phase1", tmp_path / "phase2")
+    assert _checkpoint_source(str(source / "checkpoints" / "4")) == (source, 4)
+    latest = phase2(source, tmp_path / "phase2")
     start = latest.fresh_state()
     assert int(start["step"]) == 0 and "age" not in start["carry"]  # phase 2's own fresh state
     assert not any(np.any(np.asarray(x)) for x in jax.tree.leaves(start["opt_state"]) if np.ndim(x))
