@@ -23,6 +23,8 @@ import yaml
 from lmu_jax.errors import UserError, bad_value
 
 DTYPES = ("float32", "bfloat16")
+DATA_ORDERS = ("auto", "shuffled", "streams")
+EVAL_SPLITS = ("validation", "test")
 
 
 @dataclass(frozen=True)
@@ -60,9 +62,14 @@ class DataConfig:
     val_windows: int = 64  # fixed validation windows evaluated each time
     max_bytes: int = 0  # cap on the text read from the corpus (0 = all); for quick demos
     text_key: str = "text"  # tfds corpora: the feature that holds the text (bytes or str)
+    order: str = "auto"  # shuffled: windows in a seeded random order | streams: each batch row reads one
+    #                      contiguous stream, segment after segment (carried state, e.g. Transformer-XL
+    #                      memory) | auto: streams for families that carry state, shuffled otherwise
 
     def validate(self) -> None:
         _positive(self, "seq_len", "val_windows")
+        if self.order not in DATA_ORDERS:
+            raise bad_value("data.order", self.order, " | ".join(DATA_ORDERS))
         if self.tokenizer not in ("byte", "sentencepiece"):
             raise bad_value("data.tokenizer", self.tokenizer, "byte or sentencepiece")
         if self.sp_model_type not in ("bpe", "unigram"):
@@ -110,6 +117,8 @@ class TrainConfig:
     eval_every: int = 100  # steps between evaluations (0 = only at the end)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
     profile_steps: int = 0  # >0: write a jax.profiler trace of this many steps after warmup
+    init_from: str = ""  # a run directory or one of its checkpoints (<run>/checkpoints/<step>): start from its
+    #                      parameters, with a fresh optimizer and step 0 (training by phases); "" = fresh init
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "microbatches")
@@ -122,6 +131,27 @@ class TrainConfig:
             raise bad_value("train.nonfinite", self.nonfinite, "stop or skip")
         if self.profile_steps < 0:
             raise bad_value("train.profile_steps", self.profile_steps, "an int >= 0")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """The final evaluation over a whole split, beside the fixed validation windows (lmu_jax/train/evaluate.py):
+    families that carry state read it as contiguous streams with their evaluation memory; the others
+    through sliding windows."""
+
+    split: str = "validation"  # validation | test (corpora that have one: enwik8, text8)
+    streams: int = 0  # carried state: contiguous streams scored in parallel (0 = train.batch_size)
+    seg_len: int = 0  # carried state: tokens per segment (0 = data.seq_len); Transformer-XL enwik8 test: 80
+    stride: int = 0  # stateless: each window after the first scores its last `stride` tokens (0 = seq_len / 2)
+    max_tokens: int = 0  # score the first this many targets of the split only (0 = all of it)
+    word_level: bool = False  # the corpus is word-level: also report perplexity per word (words + line ends)
+
+    def validate(self) -> None:
+        if self.split not in EVAL_SPLITS:
+            raise bad_value("eval.split", self.split, " | ".join(EVAL_SPLITS))
+        for name in ("streams", "seg_len", "stride", "max_tokens"):
+            if getattr(self, name) < 0:
+                raise bad_value(f"eval.{name}", getattr(self, name), "0 (default) or a positive int")
 
 
 @dataclass(frozen=True)
@@ -184,6 +214,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -192,6 +223,8 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
             getattr(self, f.name).validate()
+        if self.eval.stride > self.data.seq_len:
+            raise bad_value("eval.stride", self.eval.stride, f"at most data.seq_len={self.data.seq_len} (0 = half of it)")
         return self
 
     def to_dict(self) -> dict:
@@ -214,7 +247,7 @@ def _positive(section, *names):
 
 
 _SECTION_NAMES = {
-    DataConfig: "data", OptimConfig: "optim", TrainConfig: "train", MeshConfig: "mesh",
+    DataConfig: "data", OptimConfig: "optim", TrainConfig: "train", EvalConfig: "eval", MeshConfig: "mesh",
     CheckpointConfig: "checkpoint", LogConfig: "log", DistributedConfig: "distributed",
 }
 

@@ -4,7 +4,9 @@ Convention (specs/scaling_and_frameworks.md §1):
 - ``forward_flops_per_token`` (per family, in its model file) counts matmuls as 2·m·k per token, the
   unembedding included, the embedding gather excluded; causal attention counts half of the full QKᵀ
   and AV; family-specific ops (LMU memory convolutions, scans) are counted by their own formulas.
-- training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``.
+- training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``. A family with
+  carried state is counted as the trainer runs it: with its memory when the state is fed (data.order
+  streams), without when it is not (Transformer-XL's stateless call computes no memory rows).
 - ``kaplan_flops_per_token`` = 6·N with N the non-embedding parameters, logged beside it.
 - Non-embedding parameters exclude every parameter with a ``vocab`` or ``position`` logical axis
   (token embeddings, untied output heads, learned position tables).
@@ -33,11 +35,15 @@ def attention_flops(d_attn: int, seq_len: int, causal: bool = True) -> float:
     return full / 2 if causal else full
 
 
-def model_flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 3 × the family's analytic forward count."""
+def model_flops_per_token(cfg, seq_len: int, *, carried: bool) -> float:
+    """Training FLOPs per token: 3 × the family's analytic forward count, as the trainer computes it:
+    ``carried`` (``lmu_jax.models.carries_state``) says whether a family with carried state is fed it."""
     from lmu_jax.models import get_family
 
-    return 3.0 * get_family(cfg.family).forward_flops_per_token(cfg, seq_len)
+    family = get_family(cfg.family)
+    if family.initial_state is None:
+        return 3.0 * family.forward_flops_per_token(cfg, seq_len)
+    return 3.0 * family.forward_flops_per_token(cfg, seq_len, carried=carried)
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:

@@ -19,3 +19,10 @@ def pytest_configure(config):
 def kjv_cache(tmp_path_factory):
     """A data cache shared by the tests (the tiny KJV slice is tokenized once per session)."""
     return tmp_path_factory.mktemp("data_cache")
+
+
+@pytest.fixture(scope="session")
+def compile_cache(tmp_path_factory):
+    """A persistent XLA compilation cache directory shared by the test modules that switch it on
+    (helpers.persistent_compile_cache): a test that builds several trainers of one config compiles once."""
+    return tmp_path_factory.mktemp("xla_cache")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -113,3 +114,24 @@ def finish_job(procs, timeout: float = 300) -> list[tuple[int, str]]:
                 proc.kill()
                 proc.wait()
     return results
+
+
+@contextlib.contextmanager
+def persistent_compile_cache(directory):
+    """JAX's persistent compilation cache in ``directory`` for the duration (every program cached). A
+    cached executable is the same binary as a fresh compile, so bitwise comparisons are unaffected."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    settings = {"jax_compilation_cache_dir": str(directory), "jax_persistent_cache_min_compile_time_secs": 0.0,
+                "jax_persistent_cache_min_entry_size_bytes": 0}
+    before = {name: getattr(jax.config, name) for name in settings}
+    for name, value in settings.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()  # re-decide "cache in use" with the new settings
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()

@@ -1,4 +1,5 @@
-"""The determinism contract for batches: windows, the per-epoch permutation, per-process slices."""
+"""The determinism contract for batches: windows, the per-epoch permutation, per-process slices; ordered
+streams for carried state; the whole-split evaluation layouts (streams, sliding windows)."""
 
 import jax
 import numpy as np
@@ -7,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from lmu_jax.data.pipeline import WindowBatcher, check_rows_line_up, to_global_array, validation_windows
+from lmu_jax.data.pipeline import (StreamBatcher, WindowBatcher, check_rows_line_up, sliding_window_batches,
+                                   stream_eval_batches, to_global_array, validation_windows, word_count)
 from lmu_jax.errors import UserError
 
 
@@ -110,3 +112,75 @@ def test_rows_line_up_with_the_devices_each_process_owns():
     bad = NamedSharding(Mesh(shuffled, ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2), P(("data", "fsdp"), None))
     with pytest.raises(ValueError, match="process 0's devices hold batch rows"):
         check_rows_line_up(bad, (16, 9), 0, process_of)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ordered streams (data.order=streams) and the whole-split evaluation layouts
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_segments=st.integers(1, 40), local=st.integers(1, 4), process_count=st.sampled_from([1, 2]),
+       seq_len=st.integers(1, 4), tail=st.integers(0, 3))
+def test_streams_are_contiguous_and_reset_only_where_they_wrap(n_segments, local, process_count, seq_len, tail):
+    batch = local * process_count
+    if n_segments < batch:  # every row needs a stream of at least one segment
+        with pytest.raises(UserError, match="train.batch_size"):
+            StreamBatcher(np.arange(n_segments * seq_len + 1), seq_len, batch)
+        return
+    tokens = np.arange(n_segments * seq_len + 1 + tail, dtype=np.uint16)  # token i is i
+    batcher = StreamBatcher(tokens, seq_len, batch)
+    per_stream = batcher.segments_per_stream
+    steps = 3 * per_stream  # three epochs
+    firsts = []
+    for step in range(steps):
+        rows = np.concatenate([batcher.local_batch(step, p, process_count) for p in range(process_count)])
+        starts = np.concatenate([batcher.local_starts(step, p, process_count) for p in range(process_count)])
+        np.testing.assert_array_equal(rows[:, 1:] - rows[:, :-1], 1)  # a window of the text
+        if step:  # each row continues its text, except where it starts a new stream (fresh state)
+            continues = rows[:, 0] == previous[:, -1]
+            np.testing.assert_array_equal(continues, ~starts)
+            assert starts.sum() <= 1  # only the row that wraps from the end of the text to its start
+        else:
+            assert starts.all()
+        previous = rows
+        firsts.append(rows[:, 0])
+    for epoch in range(3):  # every segment once per epoch
+        seen = np.concatenate(firsts[epoch * per_stream:(epoch + 1) * per_stream])
+        np.testing.assert_array_equal(np.sort(seen), np.arange(batch * per_stream) * seq_len)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 80), streams=st.integers(1, 9), seg_len=st.integers(1, 9))
+def test_stream_evaluation_scores_every_target_once_in_order(n, streams, seg_len):
+    tokens = np.arange(n)
+    if streams > n - 1:
+        with pytest.raises(UserError, match="eval.streams"):
+            next(stream_eval_batches(tokens, streams, seg_len))
+        return
+    scored = [[] for _ in range(streams)]
+    for rows, mask in stream_eval_batches(tokens, streams, seg_len):
+        assert rows.shape == (streams, seg_len + 1) and mask.shape == (streams, seg_len)
+        np.testing.assert_array_equal(np.where(mask, rows[:, 1:] - rows[:, :-1], 1), 1)
+        for b in range(streams):
+            scored[b] += list(rows[b, 1:][mask[b]])
+    assert sum(scored, []) == list(range(1, n))  # stream b's targets follow stream b-1's, each once
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(2, 80), seq_len=st.integers(1, 12), stride=st.integers(1, 12), batch=st.integers(1, 5))
+def test_sliding_windows_score_every_target_once_with_context(n, seq_len, stride, batch):
+    if seq_len > n - 1 or stride > seq_len:
+        return
+    tokens, scored = np.arange(n), []
+    for rows, mask in sliding_window_batches(tokens, seq_len, stride, batch):
+        assert rows.shape == (batch, seq_len + 1)
+        for row, keep in zip(rows, mask):
+            positions = np.flatnonzero(keep)
+            if scored and len(positions):  # after the first window: at least seq_len - stride tokens of context
+                assert positions[0] >= seq_len - stride
+            scored += list(row[1:][keep])
+    assert scored == list(range(1, n))
+
+
+def test_word_count_counts_words_and_line_ends():
+    assert word_count(b"In the beginning\nGod  created\x1ethe heaven\n") == 7 + 3

@@ -30,6 +30,12 @@ epoch]))).permutation(W)``: every window once per epoch, a batch may straddle tw
 batch is a pure function of (seed, step) -- resuming needs no replay. The permutation costs O(W)
 time and 8 bytes per window once per epoch (cached); that is fine up to ~1e8 windows. NumPy does not
 promise to keep Generator streams identical across its releases: resume with the same numpy.
+
+``data.order=streams`` (``StreamBatcher``) instead gives every batch row a contiguous stream, segment
+after segment, for families that carry state (Transformer-XL memory, QRNN cells); it also says which
+rows start a new stream at a step. Evaluation over a whole split: ``stream_eval_batches`` (contiguous
+streams, every target once) and ``sliding_window_batches`` (overlapping windows at a stride, every
+target once); both yield (rows, scored-position mask) batches.
 """
 
 from __future__ import annotations
@@ -309,10 +315,60 @@ class WindowBatcher:
 
     def local_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
         """np.int32[global_batch // process_count, seq_len + 1]: rows [p*local, (p+1)*local) of the batch."""
-        if self.global_batch % process_count:
-            raise bad_value("train.batch_size", self.global_batch, f"a multiple of the process count {process_count}")
-        local = self.global_batch // process_count
-        return self.windows(self.window_ids(step)[process_index * local:(process_index + 1) * local])
+        rows = process_rows(self.global_batch, process_index, process_count)
+        return self.windows(self.window_ids(step)[rows])
+
+
+class StreamBatcher:
+    """Ordered contiguous streams (``data.order=streams``): batch ``step`` holds the next segment of each
+    row's stream, and ``starts(step)`` says which rows begin a new one (their carried state is reset).
+
+    The first B·S·L tokens of the split (B = global batch, L = seq_len, S = ((n − 1) // L) // B segments
+    per stream; a tail of fewer than B·L + 1 tokens is never read) form a ring of B·S segments, segment
+    g = tokens[g·L : g·L + L + 1] (input w[:-1], target w[1:], as ``WindowBatcher``). Row i of batch t
+    reads segment (i·S + t) mod B·S: in epoch e = t // S it reads stream (i + e) mod B in order, and then
+    runs on into the next stream, which continues the text, so its memory stays valid. It starts afresh
+    only at step 0 and where it wraps from the ring's end to its start (one row per epoch). Every epoch
+    reads every segment once; a batch is a pure function of the step (resuming needs no replay), and
+    the order is the text's (the seed does not enter).
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, global_batch: int):
+        self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
+        n_segments = (len(tokens) - 1) // seq_len
+        self.segments_per_stream = n_segments // global_batch
+        if self.segments_per_stream < 1:
+            raise bad_value("train.batch_size", global_batch,
+                            f"at most {n_segments}: with data.order=streams every batch row reads a stream of "
+                            f"at least one segment of data.seq_len={seq_len} tokens, and the train split has "
+                            f"{n_segments} segments")
+        self.ring = global_batch * self.segments_per_stream
+
+    def segment_ids(self, step: int) -> np.ndarray:
+        """np.int64[global_batch]: the segment each row reads at ``step``."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        return (np.arange(self.global_batch, dtype=np.int64) * self.segments_per_stream + step) % self.ring
+
+    def starts(self, step: int) -> np.ndarray:
+        """bool[global_batch]: rows whose stream starts at ``step`` (fresh carried state)."""
+        return (self.segment_ids(step) == 0) | (step == 0)
+
+    def local_batch(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        """np.int32[global_batch // process_count, seq_len + 1]: this process's rows of the batch."""
+        rows = process_rows(self.global_batch, process_index, process_count)
+        return gather_windows(self.tokens, self.segment_ids(step)[rows], self.seq_len)
+
+    def local_starts(self, step: int, process_index: int, process_count: int) -> np.ndarray:
+        return self.starts(step)[process_rows(self.global_batch, process_index, process_count)]
+
+
+def process_rows(global_batch: int, process_index: int, process_count: int) -> slice:
+    """Process p supplies rows [p*local, (p+1)*local) of every global batch."""
+    if global_batch % process_count:
+        raise bad_value("train.batch_size", global_batch, f"a multiple of the process count {process_count}")
+    local = global_batch // process_count
+    return slice(process_index * local, (process_index + 1) * local)
 
 
 def gather_windows(tokens: np.ndarray, window_ids: np.ndarray, seq_len: int) -> np.ndarray:
@@ -329,6 +385,51 @@ def validation_windows(tokens: np.ndarray, seq_len: int, count: int) -> np.ndarr
                                                  f"only {len(tokens)} tokens, fewer than one window")
     n = min(count, available)
     return gather_windows(tokens, np.arange(n, dtype=np.int64) * available // n, seq_len)
+
+
+def stream_eval_batches(tokens: np.ndarray, streams: int, seg_len: int):
+    """Yield (rows int32[streams, seg_len + 1], mask bool[streams, seg_len]): the split as ``streams``
+    contiguous streams read in parallel, segment k of every stream in batch k; each stream begins with
+    an empty memory. Stream b predicts targets (⌊b(n−1)/E⌋, ⌊(b+1)(n−1)/E⌋] (E = streams), so every
+    target of the split is scored exactly once; the mask is False past a stream's end."""
+    n = len(tokens)
+    if not 1 <= streams <= n - 1:
+        raise bad_value("eval.streams", streams, f"between 1 and the split's {n - 1} targets")
+    bounds = np.arange(streams + 1, dtype=np.int64) * (n - 1) // streams
+    starts, ends = bounds[:-1], bounds[1:]
+    offsets = np.arange(seg_len + 1, dtype=np.int64)
+    for k in range(-(-int((ends - starts).max()) // seg_len)):
+        first = starts + k * seg_len  # input position of each row's first token
+        index = np.minimum(first[:, None] + offsets, n - 1)
+        yield np.asarray(tokens[index], np.int32), first[:, None] + offsets[:-1] < ends[:, None]
+
+
+def sliding_window_batches(tokens: np.ndarray, seq_len: int, stride: int, batch: int):
+    """Yield (rows int32[batch, seq_len + 1], mask bool[batch, seq_len]): windows of seq_len inputs that
+    start every ``stride`` tokens (the last one moved back to end at the split's end); the first window
+    scores all its targets, every later one the targets the previous one did not, its last ``stride``
+    (fewer for the last) with at least seq_len − stride tokens of context. Every target exactly once;
+    padding rows score nothing."""
+    n = len(tokens)
+    last_start = n - 1 - seq_len
+    if last_start < 0 or not 1 <= stride <= seq_len:
+        raise ValueError(f"{n} tokens hold no window of {seq_len} + 1, or stride {stride} is not in [1, {seq_len}]")
+    count = 1 + -(-last_start // stride)
+    window_starts = np.minimum(np.arange(count, dtype=np.int64) * stride, last_start)
+    scored_from = np.concatenate([[0], window_starts[:-1] + seq_len - window_starts[1:]])  # first new target
+    for lo in range(0, count, batch):
+        here = window_starts[lo:lo + batch]
+        rows = np.asarray(tokens[here[:, None] + np.arange(seq_len + 1)], np.int32)
+        mask = np.arange(seq_len)[None, :] >= scored_from[lo:lo + batch, None]
+        pad = batch - len(here)
+        yield np.pad(rows, ((0, pad), (0, 0))), np.pad(mask, ((0, pad), (0, 0)))
+
+
+def word_count(text: bytes) -> int:
+    """Words of a text for word-level perplexity: whitespace-separated words plus one end-of-line per
+    line end or document separator (WikiText's <eos> per line, as Transformer-XL counts it)."""
+    text = text.replace(DOCUMENT_SEPARATOR, b"\n")
+    return len(text.split()) + text.count(b"\n")
 
 
 def to_global_array(local_rows: np.ndarray, sharding) -> jax.Array:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
 
 from lmu_jax.config import ModelConfig
 
@@ -20,7 +22,9 @@ class Family:
     name: str
     config_cls: type  # a frozen dataclass subclassing ModelConfig
     build: Callable[[ModelConfig], nn.Module]  # resolved config -> linen module
-    forward_flops_per_token: Callable[[ModelConfig, int], float]  # (cfg, seq_len) -> analytic forward FLOPs
+    # (cfg, seq_len) -> analytic forward FLOPs per token; a family with carried state also takes
+    # ``carried=`` (whether the state is fed, so that e.g. Transformer-XL's memory rows are computed)
+    forward_flops_per_token: Callable[..., float]
     description: str = ""
     # Families with carried state (Transformer-XL memory, QRNN cells): (cfg, batch, evaluation=False) -> a
     # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
@@ -53,3 +57,21 @@ def get_family(name: str) -> Family:
 
 def build_model(cfg: ModelConfig) -> nn.Module:
     return get_family(cfg.family).build(cfg)
+
+
+def data_order(model_cfg: ModelConfig, order: str) -> str:
+    """``data.order`` resolved: ``auto`` is ``streams`` for a family with carried state, else ``shuffled``."""
+    if order != "auto":
+        return order
+    return "streams" if get_family(model_cfg.family).initial_state is not None else "shuffled"
+
+
+def carries_state(model_cfg: ModelConfig, order: str) -> bool:
+    """Whether a run feeds the family's carried state: the family has one and the data come as streams."""
+    return get_family(model_cfg.family).initial_state is not None and data_order(model_cfg, order) == "streams"
+
+
+def reset_rows(state, starts):
+    """Zero the carried state of the rows where a new stream starts (starts: (batch,) bool): a fresh
+    stream's state is all zeros, for every family (``Family.initial_state``)."""
+    return jax.tree.map(lambda x: jnp.where(starts.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros_like(x), x), state)

@@ -24,7 +24,7 @@ Carried state (the interface for a trainer that feeds ordered contiguous streams
 ``valid`` (batch, n_layers) int32 -- how many of those M rows hold real inputs (the rest are masked);
 ``age`` (batch, n_layers) int32, ``sch_txl`` only -- how many segments older than usual the memory is.
 A fresh stream is all zeros, so the trainer resets row b by zeroing row b of every leaf
-(``reset_rows``). M is read from the state's shape, so evaluation may use a longer memory
+(``lmu_jax.models.reset_rows``). M is read from the state's shape, so evaluation may use a longer memory
 (``evaluation=True`` -> ``eval_mem_len``). Gradients never flow into the state (stop-gradient).
 
 ``clamp_len`` and ``same_length`` act only when ``train=False`` (the reference run scripts pass them
@@ -484,11 +484,6 @@ def initial_state(cfg: TransformerXLConfig, batch: int, evaluation: bool = False
     return state
 
 
-def reset_rows(state: dict, starts) -> dict:
-    """Zero the state of the rows where a new stream starts (starts: (batch,) bool)."""
-    return jax.tree.map(lambda x: jnp.where(starts.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros_like(x), x), state)
-
-
 # ---------------------------------------------------------------------------------------------
 # SCH-TXL
 
@@ -553,11 +548,14 @@ def feed_forward_flops_per_token(cfg: TransformerXLConfig) -> float:
     return dense_flops(cfg.d_model, cfg.ff_width) + dense_flops(cfg.ff_width, cfg.d_model)
 
 
-def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int) -> float:
-    """With the training memory M = mem_len carried (the stateless call computes mem_len = 0). The r_net
-    projection of the klen positions (2·d·d_attn·klen per segment, shared by the batch) is left out.
-    SCH-TXL in phase 1 counts each layer times its probability of running, (1 − p_l)."""
-    per_layer = attention_flops_per_token(cfg, seq_len, cfg.mem_len) + feed_forward_flops_per_token(cfg)
+def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int, carried: bool = True) -> float:
+    """What one training segment computes: with the memory carried, M = mem_len rows every segment (the
+    full memory is computed from a stream's first segment on, masked where it is still empty); without
+    (the stateless call), M = 0. The r_net projection of the klen positions (2·d·d_attn·klen per segment,
+    shared by the batch) is left out. SCH-TXL in phase 1 counts each layer times its probability of
+    running, (1 − p_l)."""
+    mem_len = cfg.mem_len if carried else 0
+    per_layer = attention_flops_per_token(cfg, seq_len, mem_len) + feed_forward_flops_per_token(cfg)
     run_probability = sum(1.0 - p for p in cfg.skip_probabilities())
     return run_probability * per_layer + adaptive_io_flops(cfg)
 

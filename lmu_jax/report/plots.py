@@ -31,7 +31,9 @@ STYLE = {"svg.fonttype": "none"}
 FLOP_CONVENTION = "training FLOPs = 3 × analytic forward (matmuls, causal attention, LMU memory), per token × tokens"
 FAMILY_COLORMAPS = {"transformer": "Blues", "lstm": "Oranges", "lmu": "Greens", "lmu_attn": "Purples",
                     "transformer_xl": "Reds", "qrnn_hybrid": "YlOrBr", "multiscale": "Greys", "sch_txl": "RdPu"}
-FAMILY_LABELS = {"transformer": "Transformer", "lstm": "LSTM", "lmu": "LMU", "lmu_attn": "LMU + attention"}
+FAMILY_LABELS = {"transformer": "Transformer", "lstm": "LSTM", "lmu": "LMU", "lmu_attn": "LMU + attention",
+                 "transformer_xl": "Transformer-XL", "sch_txl": "SCH-TXL", "qrnn_hybrid": "QRNN hybrid",
+                 "multiscale": "Multi-scale"}
 PAPER_CURVES = {  # key of lmu_jax.scaling.laws.LMU_PAPER_FITS -> (label, family whose colour it takes, style)
     "lmu": ("LMU (paper fit)", "lmu", "-"),
     "lmu_attn": ("LMU + global attention (paper fit)", "lmu_attn", "-"),

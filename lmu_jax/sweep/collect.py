@@ -5,11 +5,12 @@ Columns of ``results.csv`` (one row per finished run):
     run_id, family, size (ladder target), N (non-embedding params), N_total, D (training tokens),
     C (training FLOPs, our convention: 3 x analytic forward per token, `lmu_jax.flops`), C_6N (6 N D,
     Kaplan's), budget_kind, budget, steps, seq_len, batch_size, schedule, train_loss, val_loss,
-    bits_per_token, bits_per_byte, curve (path of metrics.jsonl), run_dir
+    bits_per_token, bits_per_byte, split_protocol, split_bits_per_byte, curve (path of metrics.jsonl), run_dir
 
 ``train_loss`` is the mean minibatch loss of the last ``TRAIN_LOSS_TAIL`` logged steps (one
 minibatch is noisy); ``val_loss`` is the final evaluation (nats per token on the fixed validation
-windows). Every row is a horizon-matched run (the sweep refuses schedules that do not end at the run's
+windows); ``split_bits_per_byte`` is the whole-split evaluation of eval.json (``split_protocol``: memory
+streams or sliding windows, lmu_jax/train/evaluate.py). Every row is a horizon-matched run (the sweep refuses schedules that do not end at the run's
 own horizon), so every row is a valid (N, D) point for fitting.
 
 Run information comes from each run's own files (config.yaml, eval.json, metrics.jsonl); plan.json
@@ -31,7 +32,7 @@ from lmu_jax.sweep.runner import SweepDir, run_status
 
 COLUMNS = ("run_id", "family", "size", "N", "N_total", "D", "C", "C_6N", "budget_kind", "budget", "steps",
            "seq_len", "batch_size", "schedule", "train_loss", "val_loss", "bits_per_token", "bits_per_byte",
-           "curve", "run_dir")
+           "split_protocol", "split_bits_per_byte", "curve", "run_dir")
 TRAIN_LOSS_TAIL = 10
 
 
@@ -76,6 +77,8 @@ def run_row(run_dir, planned: dict | None) -> dict:
         "val_loss": float(evaluation["loss"]),
         "bits_per_token": float(evaluation["bits_per_token"]),
         "bits_per_byte": float(evaluation["bits_per_byte"]),
+        "split_protocol": evaluation.get("split_eval", {}).get("protocol", ""),
+        "split_bits_per_byte": evaluation.get("split_eval", {}).get("bits_per_byte", ""),
         "curve": str(run_dir / "metrics.jsonl"),
         "run_dir": str(run_dir),
     }

@@ -299,6 +299,7 @@ def _family_base(spec: SweepSpec, family: str) -> dict:
 def plan_family(spec: SweepSpec, family: str) -> list[PlannedRun]:
     from lmu_jax import sizing
     from lmu_jax.flops import model_flops_per_token, param_counts
+    from lmu_jax.models import carries_state
 
     family_raw = _family_base(spec, family)
     base_cfg = config_from_dict(_with_steps(family_raw, 1))  # validates base + overrides early
@@ -316,7 +317,8 @@ def plan_family(spec: SweepSpec, family: str) -> list[PlannedRun]:
                     run_raw = deep_merge(run_raw, override.set)
             probe = config_from_dict(_with_steps(run_raw, 1))
             model_cfg = probe.model.resolved(vocab, probe.data.seq_len)
-            flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len)
+            flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len,
+                                                    carried=carries_state(model_cfg, probe.data.order))
             tokens_per_step = probe.train.batch_size * probe.data.seq_len
             per_step = tokens_per_step * (flops_per_token if budget.kind == "flops" else 1.0)
             steps = round(budget.value / per_step)

@@ -119,14 +119,16 @@ def _alive(state) -> bool:
 
 
 class Checkpointer:
-    def __init__(self, directory, ckpt_cfg):
+    def __init__(self, directory, ckpt_cfg, read_only: bool = False):
+        """``read_only``: another run's checkpoints (``train.init_from``), restored but never changed."""
         self.directory = storage.absolute(storage.path(directory, "checkpoint directory"))
         self.keep, self.keep_every = ckpt_cfg.keep, ckpt_cfg.keep_every
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours (module docstring): orbax deletes nothing
             enable_async_checkpointing=ckpt_cfg.async_save,
-            cleanup_tmp_directories=True,  # a write killed mid-way leaves <step>.orbax-checkpoint-tmp
-            create=True,
+            cleanup_tmp_directories=not read_only,  # a write killed mid-way leaves <step>.orbax-checkpoint-tmp
+            create=not read_only,
+            read_only=read_only,
         )
         if ckpt_cfg.async_save:  # orbax refuses async options (the test hook) on a synchronous manager
             options = dataclasses.replace(
@@ -272,6 +274,10 @@ class Checkpointer:
         if got != stored or (expected_hash is not None and stored != expected_hash):
             raise ValueError(f"state hash {got} does not match {stored} stored with step {step}")
         return state, meta
+
+    def restore(self, step: int, abstract_state):
+        """(state, meta) of ``step``; raises unless it restores and its hash matches."""
+        return self._restore(step, abstract_state)
 
     def restore_latest(self, abstract_state, *, set_aside_unusable: bool = False):
         """(state, meta) of the newest checkpoint that restores and verifies; (None, None) when there

@@ -23,6 +23,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("eval", help="evaluate the latest checkpoint of a run directory")
     p.add_argument("run_dir")
+    p.add_argument("overrides", nargs="*", help="eval.* settings for this evaluation, e.g. eval.split=test "
+                   "eval.seg_len=80 (the run's own are in its config.yaml)")
     p.set_defaults(func=cmd_eval)
 
     p = subparsers.add_parser("flops", help="FLOPs and parameter counts of a config (or --list families)")
@@ -66,14 +68,18 @@ def run_training(cfg, run_dir) -> int:
 
 def cmd_eval(args) -> int:
     from lmu_jax import distributed
-    from lmu_jax.config import config_from_dict, read_yaml
+    from lmu_jax.config import config_from_dict, merge_overrides, read_yaml
+    from lmu_jax.errors import bad_value
 
     from lmu_jax import storage
 
     config_path = storage.path(args.run_dir, "run_dir") / "config.yaml"
     if not config_path.exists():
         raise UserError(f"run_dir={args.run_dir!r} is invalid: no config.yaml there (not a run directory)")
-    cfg = config_from_dict(read_yaml(config_path))
+    for text in args.overrides:
+        if not text.startswith("eval."):
+            raise bad_value("override", text, "eval.<key>=<value>: the run's other settings are fixed")
+    cfg = config_from_dict(merge_overrides(read_yaml(config_path), args.overrides))
     distributed.initialize(cfg.distributed)
     from lmu_jax.train.checkpoint import Checkpointer
     from lmu_jax.train.loop import Trainer
@@ -84,7 +90,7 @@ def cmd_eval(args) -> int:
     ckpt.close()
     if state is None:
         raise UserError(f"run_dir={args.run_dir!r} is invalid: it has no usable checkpoint")
-    result = trainer.evaluate(state["params"])
+    result = trainer.evaluate(state["params"], whole_split=True)
     result["step"] = int(state["step"])
     if distributed.is_main_process():
         summary = {k: v for k, v in result.items() if k != "per_position_loss"}
@@ -94,13 +100,16 @@ def cmd_eval(args) -> int:
 
 def flops_table(cfg) -> list[tuple[str, str]]:
     from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
+    from lmu_jax.models import carries_state, data_order
 
     model_cfg = cfg.model.resolved(cfg.model.vocab_size or _default_vocab(cfg), cfg.data.seq_len)
     counts = param_counts(model_cfg, cfg.data.seq_len)
-    train_flops = model_flops_per_token(model_cfg, cfg.data.seq_len)
+    carried = carries_state(model_cfg, cfg.data.order)
+    train_flops = model_flops_per_token(model_cfg, cfg.data.seq_len, carried=carried)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
     return [
         ("family", model_cfg.family),
+        ("data order", data_order(model_cfg, cfg.data.order) + (" (state carried)" if carried else "")),
         ("vocab_size", f"{model_cfg.vocab_size}"),
         ("params (total)", f"{counts['total']:,}"),
         ("params (non-embedding, N)", f"{counts['non_embedding']:,}"),

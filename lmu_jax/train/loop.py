@@ -2,18 +2,22 @@
 
 config -> mesh -> data cache -> model + shardings -> resume or init -> jitted sharded steps ->
 delayed metrics -> checkpoints -> eval -> DONE. See DESIGN.md "Data flow of a run".
+
+Carried state (Transformer-XL memory, QRNN cells): a family declares it (``Family.initial_state``); a run
+on ``data.order=streams`` then keeps it in the train state as ``"carry"`` (sharded like the batch,
+checkpointed, so a resume is bitwise the uninterrupted run), feeds it to every step and resets the rows
+where a stream starts. The trainer names no family. ``train.init_from`` starts a run from another run's
+parameters (training by phases, e.g. SCH-TXL phase 2 after phase 1).
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import os
 import signal
 import sys
 import time
 from functools import partial
-from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -22,19 +26,22 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from lmu_jax import distributed
-from lmu_jax.config import RunConfig, run_id
-from lmu_jax.data.pipeline import WindowBatcher, prepare, to_global_array, validation_windows
+from etils import epath
+
+from lmu_jax import distributed, storage
+from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
+from lmu_jax.data.pipeline import StreamBatcher, WindowBatcher, prepare, to_global_array
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
 from lmu_jax.metrics import MetricsWriter, peak_flops_total
-from lmu_jax.models import build_model
+from lmu_jax.models import build_model, carries_state, data_order, get_family
 from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, make_mesh,
                               param_shardings, replicated)
 from lmu_jax.train.checkpoint import Checkpointer, abstract_like
+from lmu_jax.train.evaluate import Evaluator
 from lmu_jax.train.optim import make_optimizer, make_schedule
 from lmu_jax.train.rundir import RunDir
-from lmu_jax.train.step import eval_step, train_step
+from lmu_jax.train.step import train_step
 
 log = logging.getLogger("lmu_jax")
 
@@ -80,51 +87,75 @@ class Trainer:
             raise bad_value("model.vocab_size", self.model_cfg.vocab_size,
                             f"0 or at least the tokenizer's vocabulary {self.cache.vocab_size}")
         self.model = build_model(self.model_cfg)
+        self.carried = carries_state(self.model_cfg, cfg.data.order)
         self.counts = param_counts(self.model_cfg, self.seq_len)
-        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len)
+        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, carried=self.carried)
         self.tokens_per_step = cfg.train.batch_size * self.seq_len
-        self.batcher = WindowBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size,
-                                     cfg.train.seed)
+        if data_order(self.model_cfg, cfg.data.order) == "streams":
+            self.batcher = StreamBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size)
+        else:
+            self.batcher = WindowBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size,
+                                         cfg.train.seed)
         self._setup_state()
 
     # -- state, shardings, jitted functions ---------------------------------------------------------
 
     def _setup_state(self):
         cfg, mesh = self.cfg, self.mesh
-        dummy = jnp.zeros((1, self.seq_len), jnp.int32)
-        boxed = jax.eval_shape(lambda: self.model.init(jax.random.PRNGKey(0), dummy))["params"]
-        p_shardings = param_shardings(boxed, mesh)
-        p_shapes = nn.meta.unbox(boxed)
-        check_sufficiently_sharded(p_shapes, p_shardings, mesh, cfg.mesh.sharding_tolerance)
-        self.optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        layout = StateLayout(cfg, self.model_cfg, mesh)
+        p_shardings = layout.shardings["params"]
+        check_sufficiently_sharded(layout.abstract["params"], p_shardings, mesh, cfg.mesh.sharding_tolerance)
+        self.optimizer, self.state_shardings, self.abstract_state = layout.optimizer, layout.shardings, layout.abstract
         self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        opt_shapes = jax.eval_shape(self.optimizer.init, p_shapes)
-        o_shardings = optax.tree_map_params(self.optimizer, lambda _, s: s, opt_shapes, p_shardings,
-                                            transform_non_params=lambda _: replicated(mesh))
-        self.state_shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings}
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
-        self.abstract_state = abstract_like(shapes, self.state_shardings)
         self.batch_sharding = batch_sharding(mesh)
         self.weight_sharding = batch_sharding(mesh, ndim=1)
 
-        seed, model, optimizer = cfg.train.seed, self.model, self.optimizer
-
-        def init_state():
-            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy))["params"]
-            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-
-        self.init_state = jax.jit(init_state, out_shardings=self.state_shardings)
-        step = partial(_with_test_fault(train_step), apply_fn=model.apply, optimizer=optimizer,
-                       microbatches=cfg.train.microbatches, seed=seed, skip_nonfinite=cfg.train.nonfinite == "skip")
-        self.train_step = jax.jit(step, in_shardings=(self.state_shardings, self.batch_sharding),
+        self.init_state = jax.jit(layout.init_state, out_shardings=self.state_shardings)
+        step = partial(_with_test_fault(train_step), apply_fn=self.model.apply, optimizer=self.optimizer,
+                       microbatches=cfg.train.microbatches, seed=cfg.train.seed,
+                       skip_nonfinite=cfg.train.nonfinite == "skip")
+        inputs = (self.batch_sharding, self.weight_sharding) if self.carried else (self.batch_sharding,)
+        self.train_step = jax.jit(step, in_shardings=(self.state_shardings, *inputs),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-        self.eval_step = jax.jit(partial(eval_step, apply_fn=model.apply),
-                                 in_shardings=(p_shardings, self.batch_sharding, self.weight_sharding),
-                                 out_shardings=replicated(mesh))
+        initial_state = get_family(self.model_cfg.family).initial_state if self.carried else None
+        self.evaluator = Evaluator(cfg, self.model, self.model_cfg, initial_state, mesh, p_shardings, self.cache)
 
-    def global_batch(self, step: int) -> jax.Array:
-        local = self.batcher.local_batch(step, jax.process_index(), jax.process_count())
-        return to_global_array(local, self.batch_sharding)
+    def step_inputs(self, step: int) -> tuple:
+        """The train step's arguments after the state: the global batch, and with a carried state the
+        rows whose stream starts at this step."""
+        where = (step, jax.process_index(), jax.process_count())
+        batch = to_global_array(self.batcher.local_batch(*where), self.batch_sharding)
+        if not self.carried:
+            return (batch,)
+        return batch, to_global_array(self.batcher.local_starts(*where), self.weight_sharding)
+
+    def fresh_state(self):
+        """The state at step 0: initialised, or with ``train.init_from``'s parameters (training by phases;
+        the optimizer, step and carried state stay fresh). The source is checked before anything compiles."""
+        source = self.cfg.train.init_from
+        if not source:
+            return self.init_state()
+        run_dir, step = _checkpoint_source(source)
+        source_cfg = config_from_dict(read_yaml(run_dir / "config.yaml"))
+        source_model = source_cfg.model.resolved(self.cache.vocab_size, source_cfg.data.seq_len)
+        layout = StateLayout(source_cfg, source_model, self.mesh)
+        shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
+        if shapes(layout.abstract["params"]) != shapes(self.abstract_state["params"]):
+            raise bad_value("train.init_from", source, "a run whose model has this run's parameter shapes")
+        state = self.init_state()
+        ckpt = Checkpointer(run_dir / "checkpoints", source_cfg.checkpoint, read_only=True)
+        try:
+            if step is None:
+                restored, meta = ckpt.restore_latest(layout.abstract)
+                if restored is None:
+                    raise bad_value("train.init_from", source, "a run directory with a checkpoint")
+            else:
+                restored, meta = ckpt.restore(step, layout.abstract)
+        finally:
+            ckpt.close()
+        if distributed.is_main_process():
+            print(f"starting from the parameters of {run_dir} at step {meta['step']} (train.init_from)")
+        return dict(state, params=jax.device_put(restored["params"], self.state_shardings["params"]))
 
     def meta(self) -> dict:
         return {"run_id": run_id(self.cfg), "data_fingerprint": self.cache.fingerprint,
@@ -132,29 +163,13 @@ class Trainer:
 
     # -- evaluation ---------------------------------------------------------------------------------
 
-    def evaluate(self, params) -> dict:
-        """Mean loss, bits per token/byte and per-position loss over the fixed validation windows."""
-        windows = validation_windows(self.cache.tokens("validation"), self.seq_len, self.cfg.data.val_windows)
-        batch = self.cfg.train.batch_size
-        count = len(windows)
-        padded = math.ceil(count / batch) * batch
-        weights = (np.arange(padded) < count).astype(np.float32)
-        windows = np.concatenate([windows, np.repeat(windows[:1], padded - count, axis=0)])
-        rows = batch // jax.process_count()
-        lo = jax.process_index() * rows
-        sums, total = np.zeros(self.seq_len), 0.0
-        for start in range(0, padded, batch):
-            part = slice(start + lo, start + lo + rows)
-            s, n = self.eval_step(params, to_global_array(windows[part], self.batch_sharding),
-                                  to_global_array(weights[part], self.weight_sharding))
-            sums += np.asarray(jax.device_get(s), np.float64)
-            total += float(n)
-        per_position = sums / total
-        loss = float(per_position.mean())
-        bits_per_token = loss / math.log(2)
-        return {"loss": loss, "bits_per_token": bits_per_token,
-                "bits_per_byte": bits_per_token / self.cache.bytes_per_token("validation"),
-                "windows": count, "per_position_loss": [round(float(x), 6) for x in per_position]}
+    def evaluate(self, params, whole_split: bool = False) -> dict:
+        """Loss, bits per token/byte and per-position loss over the fixed validation windows; with
+        ``whole_split`` also ``split_eval``, the whole split scored once (lmu_jax/train/evaluate.py)."""
+        result = self.evaluator.windows(params)
+        if whole_split:
+            result["split_eval"] = self.evaluator.split(params)
+        return result
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -192,7 +207,7 @@ class Trainer:
                 raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
                                 f"this run reads {self.cache.fingerprint}; use the same data or a new --run-dir")
             if state is None:
-                state = self.init_state()
+                state = self.fresh_state()
             start = self.step_reached = int(jax.device_get(state["step"]))
             state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
             on_main_agreed(lambda: run.check_free_space(state_bytes, cfg.checkpoint.keep), "--run-dir")
@@ -261,7 +276,7 @@ class Trainer:
             if cfg.train.profile_steps and step == start + 2 and main:
                 jax.profiler.start_trace(str(run.path / "profile"))
                 profiling = True
-            state, metrics = self.train_step(state, self.global_batch(step))
+            state, metrics = self.train_step(state, *self.step_inputs(step))
             step = self.step_reached = step + 1
             if pending is not None:
                 flush(pending)
@@ -291,7 +306,7 @@ class Trainer:
         if pending is not None:
             flush(pending)
         ckpt.wait()  # DONE only once the final checkpoint is written and read back
-        result = self.evaluate(state["params"])
+        result = self.evaluate(state["params"], whole_split=True)
         result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
                       flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
                       * self.flops_per_token, family=self.model_cfg.family, run_id=run_id(cfg),
@@ -370,15 +385,64 @@ def _with_test_fault(step_fn):
     poison_gradient.defvjp(lambda logits, poison: (logits, poison),
                            lambda poison, g: (g + poison, jnp.zeros_like(poison)))
 
-    def poisoned(state, batch, *, apply_fn, **kwargs):
+    def poisoned(state, *batch, apply_fn, **kwargs):
         poison = jnp.where(state["step"] + 1 == bad_step, value, 0.0).astype(jnp.float32)
-        if "grad" in parts:
-            apply = lambda *a, **k: poison_gradient(apply_fn(*a, **k), poison)  # noqa: E731
-        else:
-            apply = lambda *a, **k: apply_fn(*a, **k) + poison  # noqa: E731
-        return step_fn(state, batch, apply_fn=apply, **kwargs)
+        poison_logits = (lambda x: poison_gradient(x, poison)) if "grad" in parts else (lambda x: x + poison)
+
+        def apply(*args, **kw):  # logits, or (logits, carried state)
+            out = apply_fn(*args, **kw)
+            return (poison_logits(out[0]), *out[1:]) if isinstance(out, tuple) else poison_logits(out)
+
+        return step_fn(state, *batch, apply_fn=apply, **kwargs)
 
     return poisoned
+
+
+class StateLayout:
+    """A run's train state: shapes (``abstract``, with shardings), ``shardings``, ``optimizer``, and
+    ``init_state`` (to jit with ``out_shardings=shardings``). With a carried state (``carries_state``) the
+    state holds ``"carry"``: the family's ``initial_state`` for the global batch, rows sharded like it."""
+
+    def __init__(self, cfg: RunConfig, model_cfg, mesh):
+        model = build_model(model_cfg)
+        dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
+        p_shardings = param_shardings(boxed, mesh)
+        p_shapes = nn.meta.unbox(boxed)
+        self.optimizer = optimizer = make_optimizer(cfg.optim, cfg.train.steps)
+        opt_shapes = jax.eval_shape(optimizer.init, p_shapes)
+        o_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, p_shardings,
+                                            transform_non_params=lambda _: replicated(mesh))
+        self.shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings}
+        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
+        seed, batch = cfg.train.seed, cfg.train.batch_size
+        initial_carry = None
+        if carries_state(model_cfg, cfg.data.order):
+            initial_carry = partial(get_family(model_cfg.family).initial_state, model_cfg, batch)
+            shapes["carry"] = jax.eval_shape(initial_carry)
+            self.shardings["carry"] = jax.tree.map(lambda x: batch_sharding(mesh, ndim=x.ndim), shapes["carry"])
+        self.abstract = abstract_like(shapes, self.shardings)
+
+        def init_state():
+            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy))["params"]
+            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+            if initial_carry is not None:
+                state["carry"] = initial_carry()
+            return state
+
+        self.init_state = init_state
+
+
+def _checkpoint_source(source: str) -> tuple[epath.Path, int | None]:
+    """``train.init_from`` -> (run directory, checkpoint step or None for its newest good one)."""
+    path = storage.path(source, "train.init_from")
+    if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
+        return path, None
+    if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file() \
+            and path.is_dir():
+        return path.parent.parent, int(path.name)
+    raise bad_value("train.init_from", source, "a run directory (config.yaml, checkpoints/) or one of its "
+                    "checkpoints, <run>/checkpoints/<step>")
 
 
 def _summary(result: dict) -> dict:

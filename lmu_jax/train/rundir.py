@@ -84,7 +84,7 @@ class RunDir:
         """Refuse a config that is another experiment than the one in config.yaml (if there is one)."""
         if not self.config_path.exists():
             return
-        new = cfg.to_dict()
+        new = yaml.safe_load(dump_config(cfg))  # as written: tuples (adaptive_cutoffs, ...) become lists
         try:
             old = yaml.safe_load(self.config_path.read_text()) or {}
             if not isinstance(old, dict):

@@ -2,9 +2,10 @@
 8 CPU devices and provides the shared data cache, kjv_cache).
 
 Most of the cost of a tiny run is XLA compiling the same few programs again in every process. These
-tests therefore share one persistent compilation cache: the subprocesses they start get it through
-the environment (``run_env``), and each test module here switches it on in-process for its own
-duration only (``_compile_cache``), so the rest of the suite is untouched. A cached executable is the
+tests therefore share one persistent compilation cache (``compile_cache``, tests/conftest.py): the
+subprocesses they start get it through the environment (``run_env``), and each test module here
+switches it on in-process for its own duration only (``_compile_cache``), so the rest of the suite is
+untouched. A cached executable is the
 same binary as a fresh compile, so bitwise comparisons are unaffected.
 
 Test hooks of the code under test (documented where they are read):
@@ -15,33 +16,17 @@ Test hooks of the code under test (documented where they are read):
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import jax
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
-from helpers import REPO
+from helpers import REPO, persistent_compile_cache
 from reliability_helpers import Launch
-
-
-@pytest.fixture(scope="session")
-def compile_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("xla_cache")
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compile_cache(compile_cache):
-    settings = {"jax_compilation_cache_dir": str(compile_cache), "jax_persistent_cache_min_compile_time_secs": 0.0,
-                "jax_persistent_cache_min_entry_size_bytes": 0}
-    before = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()  # re-decide "cache in use" with the new settings
-    yield
-    for name, value in before.items():
-        jax.config.update(name, value)
-    compilation_cache.reset_cache()
+    with persistent_compile_cache(compile_cache):
+        yield
 
 
 @pytest.fixture

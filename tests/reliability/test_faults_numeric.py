@@ -6,6 +6,7 @@ import logging
 import math
 
 import numpy as np
+import pytest
 
 from helpers import tiny_config, write_config
 from lmu_jax.cli import main
@@ -49,9 +50,15 @@ def test_inf_gradient_with_a_finite_loss_also_stops(tmp_path, kjv_cache, capsys,
     print("FAULT Inf gradient at step 3 (stop): exit 3 before any checkpoint")
 
 
-def test_skip_drops_the_update_logs_it_and_goes_on(tmp_path, kjv_cache, caplog, monkeypatch, capsys):
+CARRIED_STATE_MODEL = {"family": "transformer_xl", "d_model": 16, "n_layers": 1, "n_head": 2, "dropout": 0.0}
+
+
+@pytest.mark.parametrize("model", [None, CARRIED_STATE_MODEL], ids=["stateless", "carried_state"])
+def test_skip_drops_the_update_logs_it_and_goes_on(tmp_path, kjv_cache, caplog, monkeypatch, capsys, model):
     raw = tiny_config(kjv_cache, train={"steps": 8, "nonfinite": "skip"}, checkpoint={"every": 1, "keep": 8},
                       log={"every": 4})
+    if model:
+        raw["model"] = model
     config, run = write_config(tmp_path / "c.yaml", raw), tmp_path / "run"
     monkeypatch.setenv(NONFINITE_ENV, "6")
     with caplog.at_level(logging.WARNING, logger="lmu_jax"):
@@ -65,7 +72,7 @@ def test_skip_drops_the_update_logs_it_and_goes_on(tmp_path, kjv_cache, caplog, 
     assert logged[8]["finite"] is True and math.isfinite(logged[8]["loss"])
     cfg = config_from_dict(raw)
     before, after = state_leaves(run, cfg, step=5), state_leaves(run, cfg, step=6)
-    for x, y in zip(before[:-1], after[:-1]):  # parameters and optimizer state: untouched by step 6
+    for x, y in zip(before[:-1], after[:-1]):  # parameters, optimizer (and carried) state: untouched by step 6
         np.testing.assert_array_equal(x, y)
     assert (before[-1], after[-1]) == (5, 6)
     seven = state_leaves(run, cfg, step=7)

@@ -1,0 +1,124 @@
+"""Evaluation of a run's parameters: the fixed validation windows (every evaluation) and, at the end, the
+whole split (eval.json's ``split_eval``).
+
+``windows``: ``data.val_windows`` windows of ``data.seq_len`` spread evenly over the validation split, each
+from an empty state: mean loss, bits per token and byte, loss at each position (one curve per run, the
+same windows every time, so evaluations during training are comparable).
+
+``split``: every target of ``eval.split`` (or of its first ``eval.max_tokens``) scored exactly once, by one
+of two protocols (specs/architectures.md §6.4), chosen by how the run trained:
+
+- ``memory``: a run that carries its family's state (Transformer-XL, SCH-TXL, QRNN hybrids on
+  ``data.order=streams``) reads the split as ``eval.streams`` contiguous streams in parallel, each from an
+  empty state, in segments of ``eval.seg_len``, with the family's evaluation state
+  (``initial_state(..., evaluation=True)``: Transformer-XL's ``eval_mem_len``; its ``same_length`` and
+  ``clamp_len`` act at evaluation by themselves);
+- ``sliding_window``: every other run, windows of ``data.seq_len`` every ``eval.stride`` tokens, each
+  scoring the targets the previous one did not (so each with >= seq_len − stride tokens of context).
+
+Reported: loss in nats per token, bits per token, bits per byte of the scored text (= bits per
+character on enwik8/text8), token perplexity, and with ``eval.word_level`` the perplexity per word
+exp(total nats / words), words counted by ``lmu_jax.data.pipeline.word_count``. Both kinds run through
+one jitted step, so a stateless run compiles it once.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import jax
+import numpy as np
+
+from lmu_jax.data.pipeline import (process_rows, sliding_window_batches, stream_eval_batches, to_global_array,
+                                   validation_windows, word_count)
+from lmu_jax.errors import bad_value
+from lmu_jax.sharding import batch_sharding, data_parallel_size
+from lmu_jax.train.step import eval_step
+
+
+class Evaluator:
+    def __init__(self, cfg, model, model_cfg, initial_state, mesh, params_sharding, cache):
+        """``initial_state``: the family's (``Family.initial_state``) when the run carries state, else None."""
+        self.cfg, self.model_cfg, self.cache = cfg, model_cfg, cache
+        ev, seq_len = cfg.eval, cfg.data.seq_len
+        self.memory = initial_state is not None
+        self.rows = batch_sharding(mesh)
+        self.split_batch = (ev.streams or cfg.train.batch_size) if self.memory else cfg.train.batch_size
+        dp = data_parallel_size(mesh)
+        if self.split_batch % dp or self.split_batch % jax.process_count():
+            raise bad_value("eval.streams", self.split_batch, f"a multiple of the data-parallel size {dp} and of "
+                            f"the process count {jax.process_count()}")
+        self.length = (ev.seg_len or seq_len) if self.memory else seq_len
+        self.stride = ev.stride or max(1, seq_len // 2)
+        tokens = cache.tokens(ev.split)
+        self.split_tokens = tokens[:ev.max_tokens + 1] if ev.max_tokens else tokens
+        if len(self.split_tokens) < self.length + 1:
+            raise bad_value("eval.max_tokens" if ev.max_tokens else "eval.split", ev.max_tokens or ev.split,
+                            f"a split or a cap of at least {self.length} targets (one window of the evaluation)")
+        def jitted(carry_sharding=None):
+            return jax.jit(partial(eval_step, apply_fn=model.apply), donate_argnums=3,
+                           in_shardings=(params_sharding, self.rows, self.rows, carry_sharding),
+                           out_shardings=(None, None, carry_sharding))
+
+        self.steps = {False: jitted()}  # carried state or not -> the jitted eval step
+        if self.memory:
+            fresh = partial(initial_state, model_cfg, self.split_batch, evaluation=True)
+            carry_sharding = jax.tree.map(lambda x: batch_sharding(mesh, ndim=x.ndim), jax.eval_shape(fresh))
+            self.fresh_state = jax.jit(fresh, out_shardings=carry_sharding)
+            self.steps[True] = jitted(carry_sharding)
+
+    def _scored(self, params, batches, batch: int, carry=None) -> tuple[np.ndarray, np.ndarray]:
+        """Loss summed at each position over the scored rows of all batches, and the counts there."""
+        mine = process_rows(batch, jax.process_index(), jax.process_count())
+        sums = counts = 0.0
+        step = self.steps[carry is not None]
+        for rows, mask in batches:
+            loss_sums, scored, carry = step(params, to_global_array(rows[mine], self.rows),
+                                                 to_global_array(mask[mine], self.rows), carry)
+            sums = sums + np.asarray(jax.device_get(loss_sums), np.float64)
+            counts = counts + np.asarray(jax.device_get(scored), np.int64)
+        return sums, counts
+
+    def windows(self, params) -> dict:
+        """Mean loss, bits per token/byte and per-position loss over the fixed validation windows."""
+        seq_len, batch = self.cfg.data.seq_len, self.cfg.train.batch_size
+        windows = validation_windows(self.cache.tokens("validation"), seq_len, self.cfg.data.val_windows)
+        count = len(windows)
+        padded = math.ceil(count / batch) * batch
+        windows = np.concatenate([windows, np.repeat(windows[:1], padded - count, axis=0)])
+        mask = np.repeat((np.arange(padded) < count)[:, None], seq_len, axis=1)  # padding rows score nothing
+        sums, counts = self._scored(params, ((windows[i:i + batch], mask[i:i + batch])
+                                             for i in range(0, padded, batch)), batch)
+        per_position = sums / counts
+        loss = float(per_position.mean())
+        bits_per_token = loss / math.log(2)
+        return {"loss": loss, "bits_per_token": bits_per_token,
+                "bits_per_byte": bits_per_token / self.cache.bytes_per_token("validation"),
+                "windows": count, "per_position_loss": [round(float(x), 6) for x in per_position]}
+
+    def split(self, params) -> dict:
+        """The whole split, every target once (module docstring)."""
+        if self.memory:
+            batches = stream_eval_batches(self.split_tokens, self.split_batch, self.length)
+            sums, counts = self._scored(params, batches, self.split_batch, self.fresh_state())
+        else:
+            batches = sliding_window_batches(self.split_tokens, self.length, self.stride, self.split_batch)
+            sums, counts = self._scored(params, batches, self.split_batch)
+        nats, targets = float(sums.sum()), int(counts.sum())
+        loss = nats / targets
+        text = self.cache.tokenizer().decode(np.asarray(self.split_tokens[1:]))  # the scored targets
+        result = {"protocol": "memory" if self.memory else "sliding_window", "split": self.cfg.eval.split,
+                  "targets": targets, "loss": loss, "bits_per_token": loss / math.log(2),
+                  "bits_per_byte": nats / math.log(2) / len(text), "perplexity": math.exp(loss)}
+        if self.memory:
+            result.update(streams=self.split_batch, segment_length=self.length)
+            if hasattr(self.model_cfg, "memory_length"):  # Transformer-XL's keys, stated as the spec asks
+                result.update(memory_length=self.model_cfg.memory_length(evaluation=True),
+                              clamp_len=self.model_cfg.clamp_len, same_length=self.model_cfg.same_length)
+        else:
+            result.update(context=self.length, stride=self.stride)
+        if self.cfg.eval.word_level:
+            words = word_count(text)
+            result.update(words=words, word_perplexity=math.exp(nats / words))
+        return result
