@@ -63,7 +63,7 @@ def load_results(sweep_dir) -> tuple[list[RunResult], dict]:
     collected = collect(sweep_dir)
     results = []
     for row in collected["rows"]:
-        records = read_metrics(row["curve"])
+        records = read_metrics(collected["sweep_dir"] / row["curve"])
         train = [r for r in records if r.get("kind") == "train"]
         evals = [r for r in records if r.get("kind") == "eval"]
         tokens_per_step = row["D"] / max(row["steps"], 1)

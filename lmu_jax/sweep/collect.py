@@ -7,6 +7,9 @@ Columns of ``results.csv`` (one row per finished run):
     Kaplan's), budget_kind, budget, steps, seq_len, batch_size, schedule, train_loss, val_loss,
     bits_per_token, bits_per_byte, split_protocol, split_bits_per_byte, curve (path of metrics.jsonl), run_dir
 
+``curve`` and ``run_dir`` are relative to the sweep directory (``runs/<id>/...``), so a collected
+sweep copied elsewhere (experiments/results/, a bucket) still points at its own files.
+
 ``train_loss`` is the mean minibatch loss of the last ``TRAIN_LOSS_TAIL`` logged steps (one
 minibatch is noisy); ``val_loss`` is the final evaluation (nats per token on the fixed validation
 windows); ``split_bits_per_byte`` is the whole-split evaluation of eval.json (``split_protocol``: memory
@@ -49,7 +52,8 @@ def read_metrics(path) -> list[dict]:
 
 
 def run_row(run_dir, planned: dict | None) -> dict:
-    """The CSV row of one finished run directory."""
+    """The CSV row of one finished run directory (a sweep's ``runs/<id>``)."""
+    name = f"runs/{run_dir.name}"
     evaluation = json.loads((run_dir / "eval.json").read_text())
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     metrics = read_metrics(run_dir / "metrics.jsonl")
@@ -79,8 +83,8 @@ def run_row(run_dir, planned: dict | None) -> dict:
         "bits_per_byte": float(evaluation["bits_per_byte"]),
         "split_protocol": evaluation.get("split_eval", {}).get("protocol", ""),
         "split_bits_per_byte": evaluation.get("split_eval", {}).get("bits_per_byte", ""),
-        "curve": str(run_dir / "metrics.jsonl"),
-        "run_dir": str(run_dir),
+        "curve": f"{name}/metrics.jsonl",
+        "run_dir": name,
     }
 
 
@@ -88,7 +92,7 @@ def collect(sweep_dir) -> dict:
     """Rows of every finished run, their per-position losses, and the ids of unfinished runs.
 
     Writes ``results.csv`` and ``per_position.json`` into the sweep directory and returns
-    ``{"rows": [...], "per_position": {...}, "missing": [run ids], "csv": path, "json": path}``.
+    ``{"rows": [...], "per_position": {...}, "missing": [run ids], "csv": path, "json": path, "sweep_dir": path}``.
     """
     sweep = SweepDir(sweep_dir)
     if not sweep.runs.is_dir():
@@ -115,4 +119,5 @@ def collect(sweep_dir) -> dict:
     storage.write_text(csv_path, table.getvalue())
     json_path = sweep.path / "per_position.json"
     storage.write_text(json_path, json.dumps(per_position, indent=1) + "\n")
-    return {"rows": rows, "per_position": per_position, "missing": missing, "csv": csv_path, "json": json_path}
+    return {"rows": rows, "per_position": per_position, "missing": missing, "csv": csv_path, "json": json_path,
+            "sweep_dir": sweep.path}
