@@ -108,10 +108,13 @@ def time_point(n: int, order: int, form: str, min_reps: int, budget_s: float) ->
     return point
 
 
-def run(quick: bool = False) -> dict:
-    """Time the grid (the small one when `quick`) and return the results as a JSON-ready dict."""
-    grid = QUICK_GRID if quick else FULL_GRID
-    min_reps, budget_s = (2, 0.5) if quick else (3, 4.0)
+def run(quick: bool = False, budget_s: float | None = None, grid: dict | None = None) -> dict:
+    """Time the grid (the small one when `quick`) and return the results as a JSON-ready dict.
+    `budget_s` (seconds of timing per point) and `grid` ({"lengths", "orders"}) override the defaults;
+    `lmu-jax bench` shortens both."""
+    grid = grid or (QUICK_GRID if quick else FULL_GRID)
+    min_reps, default_budget = (2, 0.5) if quick else (3, 4.0)
+    budget_s = default_budget if budget_s is None else budget_s
     started, load_start = time.time(), os.getloadavg()
     points = []
     for form in FORMS:
@@ -130,6 +133,7 @@ def run(quick: bool = False) -> dict:
         "host": {"cpus": os.cpu_count(), "machine": host_platform.machine(), "processor": host_platform.processor()},
         "jax_version": jax.__version__,
         "quick": quick,
+        "grid": {k: list(v) for k, v in grid.items()},
         "batch": BATCH,
         "channels": CHANNELS,
         "theta": "n",
