@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmu_jax.ops import MEMORY_IMPLS
+
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
@@ -50,11 +52,13 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 FULL = {
     "ceiling_size": 2048, "copy_mib": 512,
     "d_models": (128, 256, 512), "n_layers": 2, "seq_lens": (256, 1024), "tokens_per_step": 2048,
-    "min_steps": 3, "budget_s": 3.0,
+    "min_steps": 2, "budget_s": 2.0,
     "loop_steps": 12, "loop": {"d_model": 256, "seq_len": 256},
     "scaling_lens": (512, 1024, 2048, 4096, 8192, 16384), "scaling_tokens": 16384,
     "scaling_model": {"d_model": 128, "n_layers": 1}, "fit_from": 1024,
-    "lmu_impls_at": {"d_model": 256, "seq_len": 1024}, "lmu_memory_grid": None,  # None: its full grid
+    # the bench's LMUs run order 64; order 256 (minutes at n = 16384) stays in lmu_memory.py's own full run
+    "lmu_impls_at": {"d_model": 256, "seq_len": 1024},
+    "lmu_memory_grid": {"lengths": (256, 1024, 4096, 16384), "orders": (16, 64)},
     "sharding": {"d_model": 128, "n_layers": 2, "seq_len": 256, "batch_size": 16},
     "max_bytes": 1_000_000,
 }
@@ -150,11 +154,12 @@ def host_memory_bytes() -> int:
 
 
 def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: float,
-                    max_memory: int | None = None) -> dict:
+                    max_memory: int | None = None, trace_dir: Path | None = None) -> dict:
     """Compile the Trainer's jitted train step for `cfg` on `devices` and time it (median seconds).
 
     The batches come from the Trainer's own pipeline, made before timing (the bare step); the state is
-    donated step to step as in training.
+    donated step to step as in training. With `trace_dir`, two more steps run under jax.profiler and
+    the point gets ``op_breakdown`` (and ``trace_dir``, for further reading of the same trace).
     """
     from lmu_jax.train.loop import Trainer
 
@@ -182,6 +187,9 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
                  loss=float(metrics["loss"]))
     point["tokens_per_s"] = trainer.tokens_per_step / point["step_s"]
     point["model_flops_per_s"] = point["tokens_per_s"] * trainer.flops_per_token
+    if trace_dir is not None:
+        trace_steps(compiled, state, batches[0], trace_dir)
+        point.update(op_breakdown(trace_dir), trace_dir=str(trace_dir))
     return point
 
 
@@ -238,30 +246,52 @@ def scaling_slopes(points: list[dict], fit_from: int) -> dict:
 # --- 5. sharding overhead (subprocesses) --------------------------------------------------------
 
 
-def collective_fraction(trace_dir: Path) -> dict:
-    """Share of the XLA ops' device time spent in collectives, from a jax.profiler trace.
-
-    Every executed HLO op is an event carrying an ``hlo_op`` stat; collectives are summed by name. On
-    fake CPU devices that share the cores a collective's time includes waiting at its rendezvous for
-    the slowest device, so this is the time the devices are held up by collectives.
-    """
+def op_times(trace_dir: Path) -> dict[str, float]:
+    """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...; the ".N" suffixes merged)
+    from the newest ``jax.profiler`` trace under trace_dir: every executed HLO op is an event carrying an
+    ``hlo_op`` stat."""
     from jax.profiler import ProfileData
 
-    files = sorted(trace_dir.rglob("*.xplane.pb"))
+    files = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    totals: dict[str, float] = {}
     if not files:
-        return {"collective_fraction": None, "note": "no xplane trace written"}
-    total = collective = 0.0
+        return totals
     for plane in ProfileData.from_file(str(files[-1])).planes:
         for line in plane.lines:
             for event in line.events:
-                stats = dict(event.stats)
-                if "hlo_op" not in stats:
-                    continue
-                total += event.duration_ns
-                if str(stats["hlo_op"]).startswith(COLLECTIVES):
-                    collective += event.duration_ns
+                op = dict(event.stats).get("hlo_op")
+                if op is not None:
+                    kind = str(op).rsplit(".", 1)[0] if str(op).rsplit(".", 1)[-1].isdigit() else str(op)
+                    totals[kind] = totals.get(kind, 0.0) + event.duration_ns
+    return totals
+
+
+def trace_steps(compiled, state, inputs, trace_dir: Path, steps: int = 2):
+    """Run `steps` steps under ``jax.profiler.trace``; returns the state (donated step to step)."""
+    with jax.profiler.trace(str(trace_dir)):
+        for _ in range(steps):
+            state, _ = compiled(state, *inputs)
+        jax.block_until_ready(state)
+    return state
+
+
+def op_breakdown(trace_dir: Path, top: int = 6) -> dict:
+    """The op kinds that take the most device time, as shares of all op time (where time goes)."""
+    totals = op_times(trace_dir)
+    total = sum(totals.values())
+    ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
+    return {"op_time_ms": total / 1e6, "top_ops": {k: v / total for k, v in ranked}} if total else {}
+
+
+def collective_fraction(trace_dir: Path) -> dict:
+    """Share of the XLA ops' device time spent in collectives, from a jax.profiler trace. On fake CPU
+    devices that share the cores a collective's time includes waiting at its rendezvous for the slowest
+    device, so this is the time the devices are held up by collectives."""
+    totals = op_times(trace_dir)
+    total = sum(totals.values())
     if not total:
         return {"collective_fraction": None, "note": "the trace holds no HLO op events"}
+    collective = sum(v for k, v in totals.items() if k.startswith(COLLECTIVES))
     return {"collective_fraction": collective / total, "op_time_ms": total / 1e6, "collective_time_ms": collective / 1e6}
 
 
@@ -272,22 +302,11 @@ def sharding_worker(spec: dict) -> dict:
     model = model_section(spec["family"], spec["d_model"], spec["n_layers"], compute_dtype())
     cfg = run_config(model, spec["seq_len"], spec["batch_size"], spec["cache_dir"], spec["max_bytes"])
     devices = jax.devices()
-    point = time_train_step(cfg, work_dir, devices, min_steps=spec["min_steps"], budget_s=spec["budget_s"])
+    point = time_train_step(cfg, work_dir, devices, min_steps=spec["min_steps"], budget_s=spec["budget_s"],
+                            trace_dir=work_dir / "trace" if len(devices) > 1 else None)
     point["devices"] = len(devices)
     if len(devices) > 1:
-        from lmu_jax.train.loop import Trainer
-
-        trainer = Trainer(cfg, work_dir / "traced", devices=devices)
-        state = trainer.init_state()
-        batch = trainer.step_inputs(0)
-        state, metrics = trainer.train_step(state, *batch)
-        jax.block_until_ready(state)
-        trace_dir = work_dir / "trace"
-        with jax.profiler.trace(str(trace_dir)):
-            for _ in range(3):
-                state, metrics = trainer.train_step(state, *batch)
-            jax.block_until_ready(state)
-        point.update(collective_fraction(trace_dir))
+        point.update(collective_fraction(Path(point.pop("trace_dir"))))
     return point
 
 
@@ -342,22 +361,22 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
             for d_model in grid["d_models"]:
                 for seq_len in grid["seq_lens"]:
                     cfg = config(family, d_model, seq_len, grid["tokens_per_step"], grid["n_layers"])
-                    point = _run_point(f"{family} d={d_model} n={seq_len}", time_train_step, cfg,
-                                       point_dir("train", family, d_model, seq_len), [device], **timing)
+                    where = point_dir("train", family, d_model, seq_len)
+                    profiled = {"d_model": d_model, "seq_len": seq_len} == grid["loop"]  # where time goes
+                    point = _run_point(f"{family} d={d_model} n={seq_len}", time_train_step, cfg, where, [device],
+                                       trace_dir=where / "trace" if profiled else None, **timing)
+                    point.pop("trace_dir", None)  # a temporary directory
                     train.append({"family": family, "d_model": d_model, "n_layers": grid["n_layers"],
                                   "seq_len": seq_len, "memory_impl": "auto" if "lmu" in family else None, **point})
         at = grid["lmu_impls_at"]
         if at and "lmu" in families:  # every LMU memory kernel inside the real model, for "best impl"
-            from lmu_jax.ops import MEMORY_IMPLS
-
-            for impl in MEMORY_IMPLS:
-                for remat in (True, False):
-                    cfg = config("lmu", at["d_model"], at["seq_len"], grid["tokens_per_step"], grid["n_layers"],
-                                 memory_impl=impl, remat=remat)
-                    point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} impl={impl} remat={remat}",
-                                       time_train_step, cfg, point_dir("impl", impl, remat), [device], **timing)
-                    train.append({"family": "lmu", "d_model": at["d_model"], "n_layers": grid["n_layers"],
-                                  "seq_len": at["seq_len"], "memory_impl": impl, "remat": remat, **point})
+            for impl in MEMORY_IMPLS:  # remat off (the CPU speed setting); auto with remat on is in the grid
+                cfg = config("lmu", at["d_model"], at["seq_len"], grid["tokens_per_step"], grid["n_layers"],
+                             memory_impl=impl, remat=False)
+                point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} impl={impl} remat=off",
+                                   time_train_step, cfg, point_dir("impl", impl), [device], **timing)
+                train.append({"family": "lmu", "d_model": at["d_model"], "n_layers": grid["n_layers"],
+                              "seq_len": at["seq_len"], "memory_impl": impl, "remat": False, **point})
         results["train"] = train
         sections["train"] = time.time() - started - sum(sections.values())
 
@@ -514,6 +533,12 @@ def to_markdown(results: dict) -> str:
         lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {loop_ms} | "
                      f"{_fmt(p.get('bare_step_s') and p['bare_step_s'] * 1e3, '.1f')} | "
                      f"{_fmt(p.get('loop_over_bare'), '.3f')} | {_fmt(p.get('tokens_per_s'), '.0f')} |")
+    lines += ["", "## Where the time goes (jax.profiler trace of 2 steps, share of all XLA op time)", "",
+              "| family | d_model | n | op time ms | top op kinds |", "|---|---|---|---|---|"]
+    for p in results["train"]:
+        if "top_ops" in p:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in p["top_ops"].items())
+            lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p['op_time_ms']:.0f} | {top} |")
     grid = results["grid"]
     model = grid["scaling_model"]
     lines += ["", f"## Sequence-length scaling ({grid['scaling_tokens']} tokens per batch, d_model {model['d_model']}, "
@@ -549,11 +574,15 @@ def to_markdown(results: dict) -> str:
     if "lmu_memory" in results:
         mem = results["lmu_memory"]
         lines += ["", "## LMU memory kernels (benchmarks/lmu_memory.py)", "",
-                  f"Worst auto/fastest: {_fmt(mem['worst_auto_ratio'])}; full table in "
-                  f"`lmu_memory_{mem['platform']}{'_quick' if mem['quick'] else ''}.md`.", "",
-                  "| form | order | n | fastest | auto | auto/fastest |", "|---|---|---|---|---|---|"]
+                  f"Grid {mem['grid']}; worst auto/fastest: {_fmt(mem['worst_auto_ratio'])}. "
+                  "Forward + backward ms, batch x channels = "
+                  f"{mem['batch'] * mem['channels']}.", "",
+                  "| form | order | n | " + " | ".join(MEMORY_IMPLS) + " | fastest | auto | auto/fastest |",
+                  "|---|---|---|" + "---|" * len(MEMORY_IMPLS) + "---|---|---|"]
         for p in mem["points"]:
-            lines.append(f"| {p['form']} | {p['order']} | {p['n']} | {p['fastest']} | {p['auto']} | "
+            times = " | ".join(_fmt(p["times_s"].get(impl) and p["times_s"][impl] * 1e3, ".1f", "failed")
+                               for impl in MEMORY_IMPLS)
+            lines.append(f"| {p['form']} | {p['order']} | {p['n']} | {times} | {p['fastest']} | {p['auto']} | "
                          f"{_fmt(p['auto_ratio'])} |")
     return "\n".join(lines) + "\n"
 

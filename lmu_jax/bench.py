@@ -21,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--families", default="transformer,lstm,lmu,lmu_attn",
                    help="comma-separated families to benchmark (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                   help="directory for <platform>.json/.md and lmu_memory_<platform>.json/.md (default: %(default)s)")
+                   help="directory for <platform>.json and <platform>.md (default: %(default)s)")
     p.add_argument("--no-lmu-memory", action="store_true", help="skip the LMU memory-kernel grid")
     p.set_defaults(func=cmd_bench)
 
@@ -38,12 +38,9 @@ def parse_families(text: str) -> tuple[str, ...]:
 
 def cmd_bench(args) -> int:
     families = parse_families(args.families)  # before anything slow starts
-    from benchmarks import lmu_memory, suite
+    from benchmarks import suite
 
     results = suite.run(args.quick, families, lmu_memory_grid=not args.no_lmu_memory)
-    paths = list(suite.write_results(results, args.out))
-    if "lmu_memory" in results:
-        paths += lmu_memory.write_results(results["lmu_memory"], args.out)
-    for path in paths:
+    for path in suite.write_results(results, args.out):  # the LMU kernel table is a section of them
         print(f"wrote {path}")
     return 0
