@@ -16,7 +16,6 @@ memory, ...) is recorded with its error, never skipped silently.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform as host_platform
 import statistics
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_json_and_markdown
 from lmu_jax.ops import MEMORY_IMPLS, default_chunk_len, lmu_memory, lmu_memory_folded, select_memory_impl
 
 # batch * channels = 64 stacked channels: the per-device slice of a small LM layer (d ~ 16-64
@@ -184,12 +184,7 @@ def to_markdown(results: dict) -> str:
 
 
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"lmu_memory_{results['platform']}{'_quick' if results['quick'] else ''}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(to_markdown(results))
-    return json_path, md_path
+    return write_json_and_markdown(out_dir, f"lmu_memory_{results['platform']}", results, to_markdown(results))
 
 
 def main(argv=None) -> None:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_json_and_markdown
 from lmu_jax.ops import MEMORY_IMPLS
 
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
@@ -590,12 +591,7 @@ def to_markdown(results: dict) -> str:
 
 
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"{results['platform']}{'_quick' if results['quick'] else ''}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(to_markdown(results))
-    return json_path, md_path
+    return write_json_and_markdown(out_dir, results["platform"], results, to_markdown(results))
 
 
 if __name__ == "__main__":  # the sharding worker: python -m benchmarks.suite --sharding-worker '<spec json>'
