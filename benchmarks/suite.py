@@ -45,6 +45,7 @@ from benchmarks import write_json_and_markdown
 from lmu_jax.ops import MEMORY_IMPLS
 
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
+SECTIONS = ("train", "loop", "scaling", "sharding", "lmu_memory")  # the ceiling always runs
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 # The grids. Train sizes: d_model per family at n_layers layers, tokens per step fixed across families
@@ -345,8 +346,9 @@ def run_sharding_worker(spec: dict, devices: int, timeout_s: float = 900) -> dic
 # --- the whole benchmark ------------------------------------------------------------------------
 
 
-def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) -> dict:
-    """Every section, in this process (sharding: in two child processes); a JSON-ready dict."""
+def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
+    """The ceiling and the chosen sections, in this process (sharding: in two child processes); a
+    JSON-ready dict."""
     from benchmarks import lmu_memory
 
     grid = QUICK if quick else FULL
@@ -355,11 +357,12 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
     dtype = compute_dtype()
     ceiling_start = measure_ceiling(grid["ceiling_size"], grid["copy_mib"], device)
     print(f"ceiling: {ceiling_start}", flush=True)
-    sections = {"ceiling": time.time() - started}  # seconds per section, to size the grids
+    seconds = {"ceiling": time.time() - started}  # per section, to size the grids
     results = {"platform": jax.default_backend(), "device": str(device.device_kind), "jax_version": jax.__version__,
                "host": {"cpus": os.cpu_count(), "machine": host_platform.machine(),
                         "memory_gib": round(host_memory_bytes() / 2**30, 1)},
-               "quick": quick, "compute_dtype": dtype, "families": list(families), "grid": grid}
+               "quick": quick, "compute_dtype": dtype, "families": list(families), "sections": list(sections),
+               "grid": grid}
 
     with tempfile.TemporaryDirectory(prefix="lmu_jax_bench_") as tmp:
         tmp = Path(tmp)
@@ -376,8 +379,7 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
 
         timing = {"min_steps": grid["min_steps"], "budget_s": grid["budget_s"]}
         train = []
-        print("train steps:", flush=True)
-        for family in families:
+        for family in families if "train" in sections else ():
             for d_model in grid["d_models"]:
                 for seq_len in grid["seq_lens"]:
                     cfg = config(family, d_model, seq_len, grid["tokens_per_step"], grid["n_layers"])
@@ -389,7 +391,7 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
                     train.append({"family": family, "d_model": d_model, "n_layers": grid["n_layers"],
                                   "seq_len": seq_len, "memory_impl": "auto" if "lmu" in family else None, **point})
         at = grid["lmu_impls_at"]
-        if at and "lmu" in families:  # every LMU memory kernel inside the real model, for "best impl"
+        if at and "lmu" in families and "train" in sections:  # every LMU memory kernel inside the real model, for "best impl"
             for impl in MEMORY_IMPLS:  # remat off (the CPU speed setting); auto with remat on is in the grid
                 cfg = config("lmu", at["d_model"], at["seq_len"], grid["tokens_per_step"], grid["n_layers"],
                              memory_impl=impl, remat=False)
@@ -397,24 +399,24 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
                                    time_train_step, cfg, point_dir("impl", impl), [device], **timing)
                 train.append({"family": "lmu", "d_model": at["d_model"], "n_layers": grid["n_layers"],
                               "seq_len": at["seq_len"], "memory_impl": impl, "remat": False, **point})
-        results["train"] = train
-        sections["train"] = time.time() - started - sum(sections.values())
+        if "train" in sections:
+            results["train"] = train
+            seconds["train"] = time.time() - started - sum(seconds.values())
 
-        print("whole loop vs bare step:", flush=True)
         loop = []
-        for family in families:
+        for family in families if "loop" in sections else ():
             where = grid["loop"]
             cfg = config(family, where["d_model"], where["seq_len"], grid["tokens_per_step"], grid["n_layers"],
                          steps=grid["loop_steps"])
             point = _run_point(f"{family} loop", time_loop, cfg, point_dir("loop", family), [device])
             loop.append({"family": family, **where, **point})
-        results["loop"] = loop
-        sections["loop"] = time.time() - started - sum(sections.values())
+        if "loop" in sections:
+            results["loop"] = loop
+            seconds["loop"] = time.time() - started - sum(seconds.values())
 
-        print("sequence-length scaling:", flush=True)
         max_memory = int(MAX_MEMORY_FRACTION * host_memory_bytes())
         scaling = {}
-        for family in families:
+        for family in families if "scaling" in sections else ():
             points = []
             for n in grid["scaling_lens"]:
                 model = grid["scaling_model"]
@@ -423,36 +425,37 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
                                    [device], max_memory=max_memory, **timing)
                 points.append({"n": n, "batch_size": grid["scaling_tokens"] // n, **point})
             scaling[family] = {"points": points, "slopes": scaling_slopes(points, grid["fit_from"])}
-        results["scaling"] = scaling
-        sections["scaling"] = time.time() - started - sum(sections.values())
+        if "scaling" in sections:
+            results["scaling"] = scaling
+            seconds["scaling"] = time.time() - started - sum(seconds.values())
 
-        print("sharding (subprocesses):", flush=True)
         spec = {**grid["sharding"], "family": "transformer", "cache_dir": cache, "max_bytes": grid["max_bytes"],
                 "min_steps": grid["min_steps"], "budget_s": grid["budget_s"]}
         sharding = {}
-        for count in (1, 8):
+        for count in (1, 8) if "sharding" in sections else ():
             sharding[str(count)] = run_sharding_worker({**spec, "work_dir": str(point_dir("sharding", count))}, count)
             print(f"  {count} device(s): {sharding[str(count)]}", flush=True)
-        one, eight = sharding["1"].get("step_s"), sharding["8"].get("step_s")
-        results["sharding"] = {"model": spec, "runs": sharding,
-                               "slowdown_8_vs_1": eight / one if one and eight else None}
-        sections["sharding"] = time.time() - started - sum(sections.values())
+        if "sharding" in sections:
+            one, eight = sharding["1"].get("step_s"), sharding["8"].get("step_s")
+            results["sharding"] = {"model": spec, "runs": sharding,
+                                   "slowdown_8_vs_1": eight / one if one and eight else None}
+            seconds["sharding"] = time.time() - started - sum(seconds.values())
 
-    if lmu_memory_grid:
+    if "lmu_memory" in sections:
         print("LMU memory kernels (benchmarks/lmu_memory.py):", flush=True)
         results["lmu_memory"] = lmu_memory.run(quick, budget_s=None if quick else 1.5, grid=grid["lmu_memory_grid"])
-        sections["lmu_memory"] = time.time() - started - sum(sections.values())
+        seconds["lmu_memory"] = time.time() - started - sum(seconds.values())
 
     ceiling_end = measure_ceiling(grid["ceiling_size"], grid["copy_mib"], device)
     results["ceiling"] = {"start": ceiling_start, "end": ceiling_end,
                           **{k: max(ceiling_start[k], ceiling_end[k]) for k in ceiling_start if k.endswith(("gflops", "_s"))}}
     denominator = results["ceiling"][f"matmul_{dtype}_gflops"] * 1e9
-    for point in [*results["train"], *(p for s in results["scaling"].values() for p in s["points"])]:
+    for point in [*results.get("train", []), *(p for s in results.get("scaling", {}).values() for p in s["points"])]:
         if "model_flops_per_s" in point:
             point["mfu"] = point["model_flops_per_s"] / denominator
     results["goals"] = check_goals(results)
     results["total_s"] = round(time.time() - started, 1)
-    results["section_s"] = {k: round(v, 1) for k, v in sections.items()}
+    results["section_s"] = {k: round(v, 1) for k, v in seconds.items()}
     results["load_average_1min"] = {"start": load_start[0], "end": os.getloadavg()[0]}  # the machine is shared
     return results
 
@@ -461,7 +464,8 @@ def run(quick: bool = False, families=FAMILIES, lmu_memory_grid: bool = True) ->
 
 
 def _best_mfu(results: dict, family: str, min_d: int = 0) -> float | None:
-    values = [p["mfu"] for p in results["train"] if p["family"] == family and p["d_model"] >= min_d and "mfu" in p]
+    values = [p["mfu"] for p in results.get("train", []) if p["family"] == family and p["d_model"] >= min_d
+              and "mfu" in p]
     return max(values) if values else None
 
 
@@ -480,13 +484,13 @@ def check_goals(results: dict) -> list[dict]:
         goal("LSTM train-step MFU", _best_mfu(results, "lstm"), ">= 0.40", lambda v: v >= 0.40)
     else:
         goal("transformer bf16 MFU at >= 100M parameters", None, ">= 0.40", lambda v: v >= 0.40)
-    ratios = [p["loop_over_bare"] for p in results["loop"] if "loop_over_bare" in p]
+    ratios = [p["loop_over_bare"] for p in results.get("loop", []) if "loop_over_bare" in p]
     goal("whole loop / bare step (worst family)", max(ratios) if ratios else None, "<= 1.05", lambda v: v <= 1.05)
-    lmu = results["scaling"].get("lmu", {}).get("slopes", {})
+    lmu = results.get("scaling", {}).get("lmu", {}).get("slopes", {})
     goal("LMU step time per sequence, log-log slope", lmu.get("step_time_per_sequence"), "<= 1.2", lambda v: v <= 1.2)
     goal("LMU peak memory per sequence, log-log slope", lmu.get("peak_memory_per_sequence"), "<= 1.1",
          lambda v: v <= 1.1)
-    goal("8 fake devices / 1 device, same global batch", results["sharding"]["slowdown_8_vs_1"], "<= 3.0",
+    goal("8 fake devices / 1 device, same global batch", results.get("sharding", {}).get("slowdown_8_vs_1"), "<= 3.0",
          lambda v: v <= 3.0)
     return goals
 
@@ -526,7 +530,22 @@ def to_markdown(results: dict) -> str:
     lines += ["", "## Goals", "", "| goal | measured | target | status |", "|---|---|---|---|"]
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {g['target']} | {g['status']} |")
-    lines += ["", f"## Train step (the Trainer's jitted step, 1 device, {results['grid']['tokens_per_step']} tokens per "
+    if "train" in results:
+        lines += _train_markdown(results)
+    if "loop" in results:
+        lines += _loop_markdown(results)
+    if "scaling" in results:
+        lines += _scaling_markdown(results)
+    if "sharding" in results:
+        lines += _sharding_markdown(results)
+    if "lmu_memory" in results:
+        lines += _lmu_memory_markdown(results)
+    return "\n".join(lines) + "\n"
+
+
+def _train_markdown(results: dict) -> list[str]:
+    dtype = results["compute_dtype"]
+    lines = ["", f"## Train step (the Trainer's jitted step, 1 device, {results['grid']['tokens_per_step']} tokens per "
               f"step, {results['grid']['n_layers']} layers)", "",
               "MFU = analytic model FLOPs (lmu_jax/flops.py, training = 3 x forward) / step time / the "
               f"{dtype} matmul ceiling. Median step over >= {results['grid']['min_steps']} steps after a warm-up.", "",
@@ -538,7 +557,17 @@ def to_markdown(results: dict) -> str:
             impl += f", remat {'on' if p['remat'] else 'off'}"
         lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {impl} | {p.get('params', 0) / 1e6:.2f}M | "
                      + _step_cells(p) + " |")
-    lines += ["", "## Whole training loop vs bare step", "",
+    lines += ["", "## Where the time goes (jax.profiler trace of 2 steps, share of all XLA op time)", "",
+              "| family | d_model | n | op time ms | top op kinds |", "|---|---|---|---|---|"]
+    for p in results["train"]:
+        if "top_ops" in p:
+            top = ", ".join(f"{k} {v:.0%}" for k, v in p["top_ops"].items())
+            lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p['op_time_ms']:.0f} | {top} |")
+    return lines
+
+
+def _loop_markdown(results: dict) -> list[str]:
+    lines = ["", "## Whole training loop vs bare step", "",
               "Loop: `Trainer.train()` (input pipeline, delayed metrics, metrics.jsonl), mean of its own "
               "step_time records. Bare: the same jitted step on prepared batches, dispatched back to back, "
               "timed just before the loop in the same Trainer.", "",
@@ -549,12 +578,11 @@ def to_markdown(results: dict) -> str:
         lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {loop_ms} | "
                      f"{_fmt(p.get('bare_step_s') and p['bare_step_s'] * 1e3, '.1f')} | "
                      f"{_fmt(p.get('loop_over_bare'), '.3f')} | {_fmt(p.get('tokens_per_s'), '.0f')} |")
-    lines += ["", "## Where the time goes (jax.profiler trace of 2 steps, share of all XLA op time)", "",
-              "| family | d_model | n | op time ms | top op kinds |", "|---|---|---|---|---|"]
-    for p in results["train"]:
-        if "top_ops" in p:
-            top = ", ".join(f"{k} {v:.0%}" for k, v in p["top_ops"].items())
-            lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p['op_time_ms']:.0f} | {top} |")
+    return lines
+
+
+def _scaling_markdown(results: dict) -> list[str]:
+    lines = []
     grid = results["grid"]
     model = grid["scaling_model"]
     lines += ["", f"## Sequence-length scaling ({grid['scaling_tokens']} tokens per batch, d_model {model['d_model']}, "
@@ -573,6 +601,11 @@ def to_markdown(results: dict) -> str:
         fit = f"{sl['fit_n'][0]}-{sl['fit_n'][1]} ({sl['points_fitted']} pts)" if sl["fit_n"] else "n/a"
         lines.append(f"| {family} | {fit} | {_fmt(sl['step_time_per_batch'])} | {_fmt(sl['step_time_per_sequence'])} | "
                      f"{_fmt(sl['peak_memory_per_batch'])} | {_fmt(sl['peak_memory_per_sequence'])} |")
+    return lines
+
+
+def _sharding_markdown(results: dict) -> list[str]:
+    lines = []
     sh = results["sharding"]
     m = sh["model"]
     lines += ["", f"## Sharding overhead (transformer d_model {m['d_model']}, {m['n_layers']} layers, n {m['seq_len']}, "
@@ -587,24 +620,29 @@ def to_markdown(results: dict) -> str:
             lines.append(f"| {count} | {p.get('error', '?')[:80]} | | |")
     lines += ["", f"8 devices / 1 device: {_fmt(sh['slowdown_8_vs_1'])}x. The 8 fake devices share the same cores; "
               "a collective's time includes waiting at its rendezvous for the slowest device."]
-    if "lmu_memory" in results:
-        mem = results["lmu_memory"]
-        lines += ["", "## LMU memory kernels (benchmarks/lmu_memory.py)", "",
-                  f"Grid {mem['grid']}; worst auto/fastest: {_fmt(mem['worst_auto_ratio'])}. "
-                  "Forward + backward ms, batch x channels = "
-                  f"{mem['batch'] * mem['channels']}.", "",
-                  "| form | order | n | " + " | ".join(MEMORY_IMPLS) + " | fastest | auto | auto/fastest |",
-                  "|---|---|---|" + "---|" * len(MEMORY_IMPLS) + "---|---|---|"]
-        for p in mem["points"]:
-            times = " | ".join(_fmt(p["times_s"].get(impl) and p["times_s"][impl] * 1e3, ".1f", "failed")
-                               for impl in MEMORY_IMPLS)
-            lines.append(f"| {p['form']} | {p['order']} | {p['n']} | {times} | {p['fastest']} | {p['auto']} | "
-                         f"{_fmt(p['auto_ratio'])} |")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _lmu_memory_markdown(results: dict) -> list[str]:
+    mem = results["lmu_memory"]
+    lines = ["", "## LMU memory kernels (benchmarks/lmu_memory.py)", "",
+              f"Grid {mem['grid']}; worst auto/fastest: {_fmt(mem['worst_auto_ratio'])}. "
+              "Forward + backward ms, batch x channels = "
+              f"{mem['batch'] * mem['channels']}.", "",
+              "| form | order | n | " + " | ".join(MEMORY_IMPLS) + " | fastest | auto | auto/fastest |",
+              "|---|---|---|" + "---|" * len(MEMORY_IMPLS) + "---|---|---|"]
+    for p in mem["points"]:
+        times = " | ".join(_fmt(p["times_s"].get(impl) and p["times_s"][impl] * 1e3, ".1f", "failed")
+                           for impl in MEMORY_IMPLS)
+        lines.append(f"| {p['form']} | {p['order']} | {p['n']} | {times} | {p['fastest']} | {p['auto']} | "
+                     f"{_fmt(p['auto_ratio'])} |")
+    return lines
 
 
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    return write_json_and_markdown(out_dir, results["platform"], results, to_markdown(results))
+    """<platform>[_quick].json/.md; a run of some sections only adds their names (cpu_loop.json)."""
+    partial = "" if set(results["sections"]) == set(SECTIONS) else "_" + "_".join(results["sections"])
+    return write_json_and_markdown(out_dir, results["platform"] + partial, results, to_markdown(results))
 
 
 if __name__ == "__main__":  # the sharding worker: python -m benchmarks.suite --sharding-worker '<spec json>'

@@ -1,4 +1,4 @@
-"""CLI: `lmu-jax bench [--quick] [--families a,b] [--out DIR]`, the performance benchmark.
+"""CLI: `lmu-jax bench [--quick] [--families a,b] [--sections a,b] [--out DIR]`, the performance benchmark.
 
 The measuring code lives in ``benchmarks/suite.py`` (ceiling, train steps through the Trainer, the whole
 loop, sequence-length scaling, sharding overhead) and ``benchmarks/lmu_memory.py`` (the LMU memory
@@ -22,25 +22,26 @@ def register(subparsers) -> None:
                    help="comma-separated families to benchmark (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="directory for <platform>.json and <platform>.md (default: %(default)s)")
-    p.add_argument("--no-lmu-memory", action="store_true", help="skip the LMU memory-kernel grid")
+    p.add_argument("--sections", default="train,loop,scaling,sharding,lmu_memory",
+                   help="comma-separated sections to run besides the ceiling (default: all: %(default)s); a partial "
+                   "run writes <platform>_<sections>.json so it never replaces a whole one")
     p.set_defaults(func=cmd_bench)
 
 
-def parse_families(text: str) -> tuple[str, ...]:
-    from benchmarks.suite import FAMILIES
-
-    families = tuple(name.strip() for name in text.split(",") if name.strip())
-    unknown = [name for name in families if name not in FAMILIES]
-    if not families or unknown:
-        raise bad_value("--families", text, f"a comma-separated list of {', '.join(FAMILIES)}")
-    return families
+def parse_names(flag: str, text: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``a,b`` -> ('a', 'b'), each one of `allowed` (in the order given); else a UserError naming the flag."""
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names or any(name not in allowed for name in names):
+        raise bad_value(flag, text, f"a comma-separated list of {', '.join(allowed)}")
+    return names
 
 
 def cmd_bench(args) -> int:
-    families = parse_families(args.families)  # before anything slow starts
     from benchmarks import suite
 
-    results = suite.run(args.quick, families, lmu_memory_grid=not args.no_lmu_memory)
+    families = parse_names("--families", args.families, suite.FAMILIES)  # before anything slow starts
+    sections = parse_names("--sections", args.sections, suite.SECTIONS)
+    results = suite.run(args.quick, families, sections)
     for path in suite.write_results(results, args.out):  # the LMU kernel table is a section of them
         print(f"wrote {path}")
     return 0

@@ -60,3 +60,8 @@ def test_unknown_family_is_a_user_error(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --families='transformer,gru' is invalid") and "\n" not in err
     assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_unknown_section_is_a_user_error(capsys, tmp_path):
+    assert main(["bench", "--sections", "loop,speed", "--out", str(tmp_path)]) == 2
+    assert "--sections='loop,speed' is invalid" in capsys.readouterr().err
