@@ -1,4 +1,10 @@
-"""Speed and memory benchmarks; each writes a JSON file and a markdown table to benchmarks/results/."""
+"""Speed and memory benchmarks; each writes a JSON file and a markdown table to benchmarks/results/.
+
+    suite.py       `lmu-jax bench` (lmu_jax/bench.py): ceiling, train-step MFU per family, whole loop,
+                   sequence-length scaling, sharding overhead, and the LMU kernels below -> <platform>.json/.md
+    lmu_memory.py  every LMU memory kernel forward + backward, and what impl="auto" picks
+                   (python -m benchmarks.lmu_memory) -> lmu_memory_<platform>.json/.md
+"""
 
 from __future__ import annotations
 
