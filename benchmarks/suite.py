@@ -582,10 +582,9 @@ def _loop_markdown(results: dict) -> list[str]:
 
 
 def _scaling_markdown(results: dict) -> list[str]:
-    lines = []
     grid = results["grid"]
     model = grid["scaling_model"]
-    lines += ["", f"## Sequence-length scaling ({grid['scaling_tokens']} tokens per batch, d_model {model['d_model']}, "
+    lines = ["", f"## Sequence-length scaling ({grid['scaling_tokens']} tokens per batch, d_model {model['d_model']}, "
               f"{model['n_layers']} layer(s))", "",
               "Peak memory: XLA's `compiled.memory_analysis()` of the train step (parameters and optimizer state "
               "included). Slopes: `np.polyfit` of log(step time) and log(peak memory) on log n, fitted over "
@@ -605,10 +604,9 @@ def _scaling_markdown(results: dict) -> list[str]:
 
 
 def _sharding_markdown(results: dict) -> list[str]:
-    lines = []
     sh = results["sharding"]
     m = sh["model"]
-    lines += ["", f"## Sharding overhead (transformer d_model {m['d_model']}, {m['n_layers']} layers, n {m['seq_len']}, "
+    lines = ["", f"## Sharding overhead (transformer d_model {m['d_model']}, {m['n_layers']} layers, n {m['seq_len']}, "
               f"global batch {m['batch_size']}; a fresh process per device count)", "",
               "| devices | step ms | tokens/s | collectives (share of op time) |", "|---|---|---|---|"]
     for count, p in sh["runs"].items():
