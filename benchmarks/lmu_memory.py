@@ -16,7 +16,6 @@ memory, ...) is recorded with its error, never skipped silently.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform as host_platform
 import statistics
@@ -27,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import write_json_and_markdown
 from lmu_jax.ops import MEMORY_IMPLS, default_chunk_len, lmu_memory, lmu_memory_folded, select_memory_impl
 
 # batch * channels = 64 stacked channels: the per-device slice of a small LM layer (d ~ 16-64
@@ -108,10 +108,13 @@ def time_point(n: int, order: int, form: str, min_reps: int, budget_s: float) ->
     return point
 
 
-def run(quick: bool = False) -> dict:
-    """Time the grid (the small one when `quick`) and return the results as a JSON-ready dict."""
-    grid = QUICK_GRID if quick else FULL_GRID
-    min_reps, budget_s = (2, 0.5) if quick else (3, 4.0)
+def run(quick: bool = False, budget_s: float | None = None, grid: dict | None = None) -> dict:
+    """Time the grid (the small one when `quick`) and return the results as a JSON-ready dict.
+    `budget_s` (seconds of timing per point) and `grid` ({"lengths", "orders"}) override the defaults;
+    `lmu-jax bench` shortens both."""
+    grid = grid or (QUICK_GRID if quick else FULL_GRID)
+    min_reps, default_budget = (2, 0.5) if quick else (3, 4.0)
+    budget_s = default_budget if budget_s is None else budget_s
     started, load_start = time.time(), os.getloadavg()
     points = []
     for form in FORMS:
@@ -130,6 +133,7 @@ def run(quick: bool = False) -> dict:
         "host": {"cpus": os.cpu_count(), "machine": host_platform.machine(), "processor": host_platform.processor()},
         "jax_version": jax.__version__,
         "quick": quick,
+        "grid": {k: list(v) for k, v in grid.items()},
         "batch": BATCH,
         "channels": CHANNELS,
         "theta": "n",
@@ -180,12 +184,7 @@ def to_markdown(results: dict) -> str:
 
 
 def write_results(results: dict, out_dir: Path) -> tuple[Path, Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = out_dir / f"lmu_memory_{results['platform']}{'_quick' if results['quick'] else ''}"
-    json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path.write_text(to_markdown(results))
-    return json_path, md_path
+    return write_json_and_markdown(out_dir, f"lmu_memory_{results['platform']}", results, to_markdown(results))
 
 
 def main(argv=None) -> None:

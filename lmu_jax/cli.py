@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "lmu_jax.sweep.commands",  # sweep plan|run|status|collect
     "lmu_jax.report.commands",  # report
     "lmu_jax.sweep.demo",  # demo
+    "lmu_jax.bench",  # bench (measuring code in benchmarks/)
 ]
 
 

@@ -1,0 +1,67 @@
+"""`lmu-jax bench --quick`: every section runs and writes a well-formed JSON and markdown table."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from lmu_jax.cli import main
+
+
+@pytest.fixture(scope="module")
+def quick_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    # One family keeps the test short (the sharding section always runs a transformer); the others
+    # run the same code paths.
+    assert main(["bench", "--quick", "--families", "lmu", "--out", str(out)]) == 0
+    return out, json.loads((out / "cpu_quick.json").read_text())
+
+
+def test_quick_bench_structure(quick_results):
+    out, results = quick_results
+    assert results["platform"] == "cpu" and results["quick"] is True
+    ceiling = results["ceiling"]
+    for key in ("matmul_float32_gflops", "matmul_bfloat16_gflops", "copy_gb_per_s"):
+        assert ceiling[key] > 0 and ceiling["start"][key] > 0 and ceiling["end"][key] > 0
+    assert {p["family"] for p in results["train"]} == {"lmu"}
+    for point in results["train"]:
+        assert "error" not in point, point
+        assert point["step_s"] > 0 and point["tokens_per_s"] > 0 and point["peak_bytes"] > 0
+        assert 0 < point["mfu"] < 1.5
+        assert point["flops_per_token"] > 0
+    for point in results["loop"]:
+        assert point["step_s"] > 0 and 0 < point["loop_over_bare"] < 10
+    for family, scaling in results["scaling"].items():
+        assert [p["n"] for p in scaling["points"]] == [256, 1024]
+        assert all(p["step_s"] > 0 and p["peak_bytes"] > 0 for p in scaling["points"])
+        slopes = scaling["slopes"]
+        for key in ("step_time_per_batch", "peak_memory_per_batch"):
+            assert math.isfinite(slopes[key])
+        assert slopes["step_time_per_sequence"] == pytest.approx(slopes["step_time_per_batch"] + 1)
+    sharding = results["sharding"]
+    assert sharding["runs"]["1"]["devices"] == 1 and sharding["runs"]["8"]["devices"] == 8
+    assert sharding["slowdown_8_vs_1"] > 0
+    assert 0 <= sharding["runs"]["8"]["collective_fraction"] < 1  # gradients are all-reduced: a trace shows it
+    assert results["lmu_memory"]["points"] and all(p["auto"] for p in results["lmu_memory"]["points"])
+    assert {g["status"] for g in results["goals"]} <= {"met", "missed", "not run"}
+    assert len(results["goals"]) == 7
+
+    table = (out / "cpu_quick.md").read_text()
+    assert "## Ceiling" in table and "## Goals" in table and "## Sequence-length scaling" in table
+    assert "| lmu | 64 | 128 |" in table and "## Where the time goes" in table
+    assert any("top_ops" in p for p in results["train"] if p["family"] == "lmu")
+    assert "## LMU memory kernels" in table
+
+
+def test_unknown_family_is_a_user_error(capsys, tmp_path):
+    assert main(["bench", "--quick", "--families", "transformer,gru", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --families='transformer,gru' is invalid") and "\n" not in err
+    assert not any(tmp_path.iterdir())  # nothing ran, nothing written
+
+
+def test_unknown_section_is_a_user_error(capsys, tmp_path):
+    assert main(["bench", "--sections", "loop,speed", "--out", str(tmp_path)]) == 2
+    assert "--sections='loop,speed' is invalid" in capsys.readouterr().err
