@@ -15,6 +15,14 @@ def test_compiles_for_a_cpu_topology_and_reports_memory():
     assert float(sizes["arguments"]) > 0 and float(sizes["total"]) >= float(sizes["arguments"])
 
 
+def test_a_carried_state_family_compiles_with_its_stream_starts_input():
+    out = cli_subprocess(["compile", "--topology", "cpu-2", "model.family=transformer_xl", "model.d_model=32",
+                          "model.n_layers=1", "model.n_head=2", "model.mem_len=8", "data.seq_len=16",
+                          "train.batch_size=4"], devices=8)
+    assert out.returncode == 0, out.stderr
+    assert "train step of transformer_xl for 2 CPU devices" in out.stdout, out.stdout
+
+
 def test_a_tpu_topology_without_libtpu_says_so_and_offers_the_nearest():
     out = cli_subprocess(["compile", "--topology", "v5e-256"])
     if out.returncode == 0:  # a machine with libtpu really compiles it

@@ -102,7 +102,7 @@ def compile_train_step(cfg, devices):
     import jax
     import jax.numpy as jnp
 
-    from lmu_jax.models import build_model
+    from lmu_jax.models import build_model, carries_state
     from lmu_jax.sharding import make_mesh
     from lmu_jax.train.commands import _default_vocab
     from lmu_jax.train.loop import Trainer
@@ -116,14 +116,17 @@ def compile_train_step(cfg, devices):
             self.model_cfg = cfg.model.resolved(_default_vocab(cfg), self.seq_len)
             self.model_cfg.validate()
             self.model = build_model(self.model_cfg)
+            self.carried = carries_state(self.model_cfg, cfg.data.order)
             self._setup_state()
 
     step = StepOnly()
     dp = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
     if cfg.train.batch_size % dp:
         raise bad_value("train.batch_size", cfg.train.batch_size, f"a multiple of the data-parallel size {dp}")
-    batch = jax.ShapeDtypeStruct((cfg.train.batch_size, step.seq_len + 1), jnp.int32, sharding=step.batch_sharding)
-    return step.train_step.lower(step.abstract_state, batch).compile(), step.mesh
+    inputs = [jax.ShapeDtypeStruct((cfg.train.batch_size, step.seq_len + 1), jnp.int32, sharding=step.batch_sharding)]
+    if step.carried:  # the rows whose stream starts (Trainer.step_inputs)
+        inputs.append(jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.bool_, sharding=step.weight_sharding))
+    return step.train_step.lower(step.abstract_state, *inputs).compile(), step.mesh
 
 
 def memory_rows(compiled, hbm: int | None) -> list[tuple[str, str]]:

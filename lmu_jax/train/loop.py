@@ -97,10 +97,14 @@ class Trainer:
             self.batcher = WindowBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size,
                                          cfg.train.seed)
         self._setup_state()
+        initial_state = get_family(self.model_cfg.family).initial_state if self.carried else None
+        self.evaluator = Evaluator(cfg, self.model, self.model_cfg, initial_state, self.mesh,
+                                   self.state_shardings["params"], self.cache)
 
     # -- state, shardings, jitted functions ---------------------------------------------------------
 
     def _setup_state(self):
+        """Shardings, optimizer, and the jitted init and train step (what `lmu-jax compile` needs too)."""
         cfg, mesh = self.cfg, self.mesh
         layout = StateLayout(cfg, self.model_cfg, mesh)
         p_shardings = layout.shardings["params"]
@@ -120,8 +124,6 @@ class Trainer:
         inputs = (self.batch_sharding, self.weight_sharding) if self.carried else (self.batch_sharding,)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, *inputs),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-        initial_state = get_family(self.model_cfg.family).initial_state if self.carried else None
-        self.evaluator = Evaluator(cfg, self.model, self.model_cfg, initial_state, mesh, p_shardings, self.cache)
 
     def step_inputs(self, step: int) -> tuple:
         """The train step's arguments after the state: the global batch, and with a carried state the
