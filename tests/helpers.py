@@ -36,12 +36,21 @@ def write_config(path, cfg: dict) -> Path:
     return path
 
 
+def subprocess_env(devices: int = 8, **extra) -> dict:
+    """The environment of a test's `python -m lmu_jax...` subprocess: this session's XLA flags (see
+    conftest.py) with `devices` fake CPU devices, the CPU platform, this checkout first on the path;
+    `extra` variables on top."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def cli_subprocess(args: list[str], *, devices: int = 8, timeout: float = 300, **popen):
     """Run `python -m lmu_jax.cli ARGS` in a fresh process with `devices` fake CPU devices."""
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "lmu_jax.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=timeout, **popen)
+    return subprocess.run([sys.executable, "-m", "lmu_jax.cli", *args], env=subprocess_env(devices),
+                          capture_output=True, text=True, timeout=timeout, **popen)
 
 
 def train_losses(run_dir) -> list[tuple[int, float]]:
@@ -92,9 +101,8 @@ def start_job(commands: list[list[str]], *, devices: int = 4, envs: list[dict] |
     port = free_port()
     procs = []
     for index, command in enumerate(commands):
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=str(REPO), LMU_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                   LMU_JAX_NUM_PROCESSES=str(len(commands)), LMU_JAX_PROCESS_ID=str(index))
+        env = subprocess_env(devices, LMU_JAX_COORDINATOR=f"127.0.0.1:{port}",
+                             LMU_JAX_NUM_PROCESSES=len(commands), LMU_JAX_PROCESS_ID=index)
         env.update((envs or [{}] * len(commands))[index])
         procs.append(subprocess.Popen([sys.executable, "-m", "lmu_jax.cli", *command], env=env, text=True,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen))

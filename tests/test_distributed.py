@@ -4,7 +4,7 @@ agreement check, a failed start as one line, and every host preparing its own to
 import numpy as np
 import pytest
 
-from helpers import finish_job, start_job, tiny_config, write_config
+from helpers import finish_job, start_job, subprocess_env, tiny_config, write_config
 from lmu_jax import distributed
 from lmu_jax.config import DistributedConfig
 from lmu_jax.errors import UserError
@@ -100,7 +100,7 @@ def test_each_host_prepares_its_own_cache_and_disagreement_is_one_line(tmp_path)
     assert (tmp_path / "run" / "DONE").exists()
 
     envs = [{"HOME": str(homes[0])},
-            {"HOME": str(homes[1]), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}]
+            {"HOME": str(homes[1]), "XLA_FLAGS": subprocess_env(2)["XLA_FLAGS"]}]
     odd = ["train", "--config", str(config), "mesh.data=3", "train.batch_size=12", "--run-dir", str(tmp_path / "odd")]
     results = finish_job(start_job([odd, odd], envs=envs))
     for code, out in results:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from etils import epath
 
-from helpers import REPO, tiny_config, train_losses, write_config
+from helpers import subprocess_env, tiny_config, train_losses, write_config
 from lmu_jax import storage
 from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
@@ -66,11 +66,6 @@ def test_paths_local_remote_and_refused():
             RunDir(bad)  # never a local folder called 'gs2:'
 
 
-def _subprocess_env(fake_gcs, extra=None):
-    return dict(os.environ, **fake_gcs, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
-                PYTHONPATH=str(REPO), **(extra or {}))
-
-
 def _remote_steps(run):
     """Committed checkpoints: on GCS orbax writes <step>/ in place and commits it with this file."""
     folder = run / "checkpoints"
@@ -87,7 +82,7 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     sweep = epath.Path(f"gs://{BUCKET}/sweeps/remote")
     run = sweep / "runs" / "one"
     command = [sys.executable, "-m", "lmu_jax.cli", "train", "--config", str(config), "--run-dir", str(run)]
-    env = _subprocess_env(fake_gcs, {"LMU_JAX_TEST_CKPT_DELAY_S": "3"})  # slow checkpoints: killed mid-run
+    env = subprocess_env(**fake_gcs, LMU_JAX_TEST_CKPT_DELAY_S=3)  # slow checkpoints: killed mid-run
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 240
     while not (_remote_steps(run) and max(_remote_steps(run)) >= 4):
@@ -102,7 +97,7 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     assert "copying the cache" in output  # the remote token cache was mirrored to this host
     assert not (run / "DONE").exists()
 
-    resumed = subprocess.run(command, env=_subprocess_env(fake_gcs), capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(command, env=subprocess_env(**fake_gcs), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming" in resumed.stdout, resumed.stderr[-4000:]  # the dead holder's lease was taken over
     assert "attempt 1 of" not in resumed.stderr, uncommitted  # interrupted writes were dropped, not retried

@@ -2,7 +2,6 @@
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from helpers import REPO, cli_subprocess
+from helpers import cli_subprocess, subprocess_env
 
 from lmu_jax.config import config_from_dict, read_yaml, run_id
 from lmu_jax.errors import UserError
@@ -177,8 +176,7 @@ def test_sigterm_to_the_runner_checkpoints_the_run_and_a_rerun_resumes(tmp_path,
     sweep_dir = tmp_path / "sweep"
     (run,) = expand(parse_spec(read_yaml(spec_path)))
     args = ["sweep", "run", str(spec_path), "--sweep-dir", str(sweep_dir), "--no-progress"]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_PLATFORMS="cpu",
-               PYTHONPATH=str(REPO))
+    env = subprocess_env(1)
     runner = subprocess.Popen([sys.executable, "-m", "lmu_jax.cli", *args], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     run_dir = sweep_dir / "runs" / run.run_id

@@ -15,11 +15,10 @@ Test hooks of the code under test (documented where they are read):
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
-from helpers import REPO, persistent_compile_cache
+from helpers import persistent_compile_cache, subprocess_env
 from reliability_helpers import Launch
 
 
@@ -34,9 +33,8 @@ def run_env(compile_cache):
     """Environment for a `python -m lmu_jax.cli` (or launch_local) subprocess; extra variables as kwargs."""
 
     def make(devices: int = 8, **extra) -> dict:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=str(REPO), JAX_COMPILATION_CACHE_DIR=str(compile_cache),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+        env = subprocess_env(devices, JAX_COMPILATION_CACHE_DIR=compile_cache,
+                             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0, JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES=0)
         env.pop("LMU_JAX_TEST_CKPT_DELAY_S", None)
         env.pop("LMU_JAX_TEST_NONFINITE_STEP", None)
         env.update({k: str(v) for k, v in extra.items()})
