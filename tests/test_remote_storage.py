@@ -12,6 +12,7 @@ here; its read-back check is.)
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -100,7 +101,12 @@ def test_train_kill_resume_done_collect_on_gs(tmp_path, kjv_cache, fake_gcs):
     resumed = subprocess.run(command, env=subprocess_env(**fake_gcs), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resuming" in resumed.stdout, resumed.stderr[-4000:]  # the dead holder's lease was taken over
-    assert "attempt 1 of" not in resumed.stderr, uncommitted  # interrupted writes were dropped, not retried
+    # interrupted writes were set aside before their step was saved again, not failed into and retried.
+    # The emulator now and then answers a fresh write with a malformed generation (seen once in ~5 full
+    # runs, on the final step, which no killed write had touched): a retry of that kind is its noise,
+    # absorbed by the save's retry; any other failed attempt is ours.
+    for step, error in re.findall(r"checkpoint (\d+): attempt \d+ of \d+ failed \((.*)", resumed.stderr):
+        assert step not in uncommitted and "Malformed StorageGeneration" in error, resumed.stderr[-4000:]
     assert (run / "DONE").exists() and not (run / ".lock").exists()
     assert not list(epath.Path(os.getcwd()).glob("gs:*"))  # nothing went to a local folder named gs:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
