@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import platform as host_platform
+import re
 import statistics
 import subprocess
 import sys
@@ -48,29 +49,33 @@ FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
 SECTIONS = ("train", "loop", "scaling", "sharding", "lmu_memory")  # the ceiling always runs
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
-# The grids. Train sizes: d_model per family at n_layers layers, tokens per step fixed across families
-# so that every family sees the same matmul row count. Scaling: one small model per family (so the
+# The grids. Train sizes: d_model per family at n_layers layers, at each number of tokens per step (the
+# same for every family, so that every family sees the same matmul row count): 1024, and 8192 (32
+# sequences of 256), the batch a recurrence needs to keep the cores busy (its per-step matmuls have
+# batch rows). Profiled: the point whose trace says where the time goes. Scaling: one small model per family (so the
 # transformer's n^2 attention still fits at n = 16384), tokens per batch = the largest n.
 FULL = {
     "ceiling_size": 2048, "copy_mib": 512,
-    "d_models": (128, 256, 512), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": 1024,
+    "d_models": (128, 256, 512), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": (1024, 8192),
+    "profile": {"d_model": 512, "seq_len": 256, "tokens": 1024},
     "min_steps": 2, "budget_s": 1.0,
-    "loop_steps": 13, "loop": {"d_model": 128, "seq_len": 256},
-    # 8192 tokens per batch, up to n = 8192: the transformer's step at n = 16384 takes minutes on 2 shared cores
-    "scaling_lens": (1024, 2048, 4096, 8192), "scaling_tokens": 8192,
+    "loop_steps": 33, "loop": {"d_model": 128, "seq_len": 256, "tokens": 1024},
+    # 16384 tokens per batch (one sequence at n = 16384); fitted over 1k-16k
+    "scaling_lens": (512, 1024, 2048, 4096, 8192, 16384), "scaling_tokens": 16384,
     "scaling_model": {"d_model": 64, "n_layers": 1}, "fit_from": 1024,
     # the bench's LMUs run order 64; orders 16 and 256 (minutes at n = 16384) stay in lmu_memory.py's own
     # full run (lmu_memory_cpu.md)
-    "lmu_impls_at": {"d_model": 256, "seq_len": 256},
+    "lmu_impls_at": {"d_model": 512, "seq_len": 256, "tokens": 1024},
     "lmu_memory_grid": {"lengths": (256, 1024, 4096), "orders": (64,)},
     "sharding": {"d_model": 128, "n_layers": 2, "seq_len": 256, "batch_size": 16},
     "max_bytes": 1_000_000,
 }
 QUICK = {
     "ceiling_size": 1024, "copy_mib": 64,
-    "d_models": (64,), "n_layers": 1, "seq_lens": (128,), "tokens_per_step": 1024,
+    "d_models": (64,), "n_layers": 1, "seq_lens": (128,), "tokens_per_step": (1024,),
+    "profile": {"d_model": 64, "seq_len": 128, "tokens": 1024},
     "min_steps": 2, "budget_s": 0.05,
-    "loop_steps": 4, "loop": {"d_model": 64, "seq_len": 128},
+    "loop_steps": 4, "loop": {"d_model": 64, "seq_len": 128, "tokens": 1024},
     "scaling_lens": (256, 1024), "scaling_tokens": 1024,
     "scaling_model": {"d_model": 64, "n_layers": 1}, "fit_from": 256,
     "lmu_impls_at": None, "lmu_memory_grid": {"lengths": (256,), "orders": (16,)},
@@ -193,38 +198,51 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
     point["model_flops_per_s"] = point["tokens_per_s"] * trainer.flops_per_token
     if trace_dir is not None:
         trace_steps(compiled, state, batches[0], trace_dir)
-        point.update(op_breakdown(trace_dir), trace_dir=str(trace_dir))
+        point.update(op_breakdown(trace_dir, compiled.as_text()), trace_dir=str(trace_dir))
     return point
 
 
-def time_loop(cfg, work_dir: Path, devices) -> dict:
-    """The whole loop against the bare step, back to back in one Trainer, under the same load.
+def bare_step_intervals(trainer, steps: int) -> list[float]:
+    """Seconds per step of the Trainer's jitted step alone, on prepared batches, timed like the loop
+    times itself: one step's metrics reach the host while the next step is already dispatched, and a
+    step's time is the interval between two such arrivals."""
+    state = trainer.init_state()
+    batches = [trainer.step_inputs(i) for i in range(4)]
+    state, pending = trainer.train_step(state, *batches[0])  # compile (shared with the loop), warm-up
+    intervals, last = [], None
+    for i in range(1, steps + 2):
+        state, metrics = trainer.train_step(state, *batches[i % len(batches)])
+        jax.device_get(pending)
+        now = time.perf_counter()
+        if last is not None:
+            intervals.append(now - last)
+        last, pending = now, metrics
+    jax.device_get(pending)
+    return intervals
 
-    Bare: the very jitted step the loop calls (so its compile is shared), dispatched back to back on
-    prepared batches, like the loop dispatches; mean seconds per step. Loop: ``Trainer.train()`` for
-    cfg.train.steps steps; mean of its own per-step ``step_time`` records, leaving out the first two
-    (compile, warm-up) and the last (it waits for the final checkpoint).
+
+def time_loop(cfg, work_dir: Path, devices) -> dict:
+    """The whole loop against the bare step, in one Trainer, under the same load.
+
+    Loop: ``Trainer.train()`` for cfg.train.steps steps, its own per-step ``step_time`` records less the
+    first two (compile, warm-up) and the last (it waits for the final checkpoint). Bare: the same
+    number of steps of the very jitted step the loop calls (``bare_step_intervals``), once before and
+    once after the loop. Medians on both sides; the faster bare median is the denominator, so load that
+    comes and goes can only make the loop look worse, never better.
     """
     from lmu_jax.train.loop import Trainer
 
     trainer = Trainer(cfg, work_dir / "loop_run", devices=devices)
     timed = cfg.train.steps - 3
-    state = trainer.init_state()
-    batches = [trainer.step_inputs(i) for i in range(4)]
-    state, _ = trainer.train_step(state, *batches[0])
-    jax.block_until_ready(state)
-    start = time.perf_counter()
-    for i in range(timed):
-        state, _ = trainer.train_step(state, *batches[i % len(batches)])
-    jax.block_until_ready(state)
-    bare = (time.perf_counter() - start) / timed
-    del state
+    before = statistics.median(bare_step_intervals(trainer, timed))
     trainer.train()
+    after = statistics.median(bare_step_intervals(trainer, timed))
     records = [json.loads(line) for line in (work_dir / "loop_run" / "metrics.jsonl").read_text().splitlines()]
     times = [r["step_time"] for r in records if r["kind"] == "train"][2:-1]
-    loop = statistics.fmean(times)
-    return {"step_s": loop, "median_step_s": statistics.median(times), "steps_timed": len(times),
-            "tokens_per_s": trainer.tokens_per_step / loop, "bare_step_s": bare, "loop_over_bare": loop / bare}
+    loop, bare = statistics.median(times), min(before, after)
+    return {"step_s": loop, "mean_step_s": statistics.fmean(times), "steps_timed": len(times),
+            "tokens_per_s": trainer.tokens_per_step / loop, "bare_step_s": bare,
+            "bare_before_after_s": [before, after], "loop_over_bare": loop / bare}
 
 
 def _run_point(label: str, fn, *args, **kwargs) -> dict:
@@ -267,24 +285,87 @@ def scaling_slopes(points: list[dict], fit_from: int) -> dict:
 # --- 5. sharding overhead (subprocesses) --------------------------------------------------------
 
 
-def op_times(trace_dir: Path) -> dict[str, float]:
-    """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...; the ".N" suffixes merged)
-    from the newest ``jax.profiler`` trace under trace_dir: every executed HLO op is an event carrying an
-    ``hlo_op`` stat."""
+def _op_kind(op: str) -> str:
+    """An HLO instruction's kind: its name less the ".N" suffix ("ynn_fusion.46" -> "ynn_fusion")."""
+    stem, _, suffix = op.rpartition(".")
+    return stem if stem and suffix.isdigit() else op
+
+
+def instruction_events(trace_dir: Path) -> dict[str, list]:
+    """[device time (ns), executions] per HLO instruction ("ynn_fusion.46", "all-reduce.2", ...) from the
+    newest ``jax.profiler`` trace under trace_dir: every executed HLO op is an event carrying an ``hlo_op``
+    stat (an op in a loop body is one event per iteration; a ``while`` event does not include its body's)."""
     from jax.profiler import ProfileData
 
     files = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
-    totals: dict[str, float] = {}
-    if not files:
-        return totals
-    for plane in ProfileData.from_file(str(files[-1])).planes:
+    events: dict[str, list] = {}
+    for plane in ProfileData.from_file(str(files[-1])).planes if files else ():
         for line in plane.lines:
             for event in line.events:
                 op = dict(event.stats).get("hlo_op")
                 if op is not None:
-                    kind = str(op).rsplit(".", 1)[0] if str(op).rsplit(".", 1)[-1].isdigit() else str(op)
-                    totals[kind] = totals.get(kind, 0.0) + event.duration_ns
+                    entry = events.setdefault(str(op), [0.0, 0])
+                    entry[0] += event.duration_ns
+                    entry[1] += 1
+    return events
+
+
+def op_times(trace_dir: Path) -> dict[str, float]:
+    """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) from the newest trace."""
+    totals: dict[str, float] = {}
+    for op, (ns, _) in instruction_events(trace_dir).items():
+        totals[_op_kind(op)] = totals.get(_op_kind(op), 0.0) + ns
     return totals
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\((.*)$")
+
+
+def dot_flops_per_instruction(hlo_text: str) -> dict[str, float]:
+    """FLOPs of one execution of every HLO instruction that is, or is a fusion of, dot products:
+    2 x output elements x contracted size per dot, summed over a fusion's body. Read from the compiled
+    module's text (``compiled.as_text()``), whose instruction names are the trace's ``hlo_op``s."""
+    shapes, dots, calls, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) \(", line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, dims, opcode, rest = m.groups()
+        shapes[name] = [int(d) for d in dims.split(",") if d]
+        if opcode == "dot":
+            lhs = re.match(r"%(\S+?)[,)]", rest).group(1)
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+            dots.setdefault(computation, []).append((name, lhs, [int(i) for i in contracting.split(",") if i]))
+        called = re.search(r"calls=%([^,\s]+)", rest)
+        if called:
+            calls[name] = called.group(1)
+
+    def dot_flops(name, lhs, contracting):
+        flops = 2.0 * float(np.prod(shapes[name]))
+        return flops * float(np.prod([shapes[lhs][i] for i in contracting])) if lhs in shapes else 0.0
+
+    per_computation = {c: sum(dot_flops(*d) for d in ds) for c, ds in dots.items()}
+    flops = {name: per_computation[c] for name, c in calls.items() if per_computation.get(c)}  # fusions
+    fused = set(calls.values())
+    flops.update({d[0]: dot_flops(*d) for c, ds in dots.items() if c not in fused for d in ds})  # plain dots
+    return flops
+
+
+def matmul_summary(hlo_text: str, trace_dir: Path) -> dict:
+    """How much of the traced op time the dot products take and how fast they run: the two factors of
+    the MFU (MFU ~ matmul share x matmul GFLOP/s / ceiling, where a model's FLOPs are its matmuls)."""
+    events = instruction_events(trace_dir)
+    flops = dot_flops_per_instruction(hlo_text)
+    total = sum(ns for ns, _ in events.values())
+    matmuls = [(ns, n * flops[op]) for op, (ns, n) in events.items() if op in flops]
+    matmul_ns = sum(ns for ns, _ in matmuls)
+    if not total or not matmul_ns:
+        return {}
+    return {"matmul_time_share": matmul_ns / total, "matmul_gflops": sum(f for _, f in matmuls) / matmul_ns}
 
 
 def trace_steps(compiled, state, inputs, trace_dir: Path, steps: int = 2):
@@ -296,12 +377,16 @@ def trace_steps(compiled, state, inputs, trace_dir: Path, steps: int = 2):
     return state
 
 
-def op_breakdown(trace_dir: Path, top: int = 6) -> dict:
-    """The op kinds that take the most device time, as shares of all op time (where time goes)."""
+def op_breakdown(trace_dir: Path, hlo_text: str | None = None, top: int = 6) -> dict:
+    """The op kinds that take the most device time, as shares of all op time (where time goes); with the
+    compiled module's text, also the dot products' share of op time and their speed (matmul_summary)."""
     totals = op_times(trace_dir)
     total = sum(totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
-    return {"op_time_ms": total / 1e6, "top_ops": {k: v / total for k, v in ranked}} if total else {}
+    if not total:
+        return {}
+    return {"op_time_ms": total / 1e6, "top_ops": {k: v / total for k, v in ranked},
+            **(matmul_summary(hlo_text, trace_dir) if hlo_text else {})}
 
 
 def collective_fraction(trace_dir: Path) -> dict:
@@ -380,20 +465,23 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
         timing = {"min_steps": grid["min_steps"], "budget_s": grid["budget_s"]}
         train = []
         for family in families if "train" in sections else ():
-            for d_model in grid["d_models"]:
-                for seq_len in grid["seq_lens"]:
-                    cfg = config(family, d_model, seq_len, grid["tokens_per_step"], grid["n_layers"])
-                    where = point_dir("train", family, d_model, seq_len)
-                    profiled = {"d_model": d_model, "seq_len": seq_len} == grid["loop"]  # where time goes
-                    point = _run_point(f"{family} d={d_model} n={seq_len}", time_train_step, cfg, where, [device],
-                                       trace_dir=where / "trace" if profiled else None, **timing)
-                    point.pop("trace_dir", None)  # a temporary directory
-                    train.append({"family": family, "d_model": d_model, "n_layers": grid["n_layers"],
-                                  "seq_len": seq_len, "memory_impl": "auto" if "lmu" in family else None, **point})
+            for tokens in grid["tokens_per_step"]:
+                for d_model in grid["d_models"]:
+                    for seq_len in grid["seq_lens"]:
+                        cfg = config(family, d_model, seq_len, tokens, grid["n_layers"])
+                        where = point_dir("train", family, d_model, seq_len, tokens)
+                        profiled = {"d_model": d_model, "seq_len": seq_len, "tokens": tokens} == grid["profile"]
+                        point = _run_point(f"{family} d={d_model} n={seq_len} tokens={tokens}", time_train_step,
+                                           cfg, where, [device], trace_dir=where / "trace" if profiled else None,
+                                           **timing)
+                        point.pop("trace_dir", None)  # a temporary directory
+                        train.append({"family": family, "d_model": d_model, "n_layers": grid["n_layers"],
+                                      "seq_len": seq_len, "memory_impl": "auto" if "lmu" in family else None,
+                                      **point})
         at = grid["lmu_impls_at"]
         if at and "lmu" in families and "train" in sections:  # every LMU memory kernel inside the real model, for "best impl"
             for impl in MEMORY_IMPLS:  # remat off (the CPU speed setting); auto with remat on is in the grid
-                cfg = config("lmu", at["d_model"], at["seq_len"], grid["tokens_per_step"], grid["n_layers"],
+                cfg = config("lmu", at["d_model"], at["seq_len"], at["tokens"], grid["n_layers"],
                              memory_impl=impl, remat=False)
                 point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} impl={impl} remat=off",
                                    time_train_step, cfg, point_dir("impl", impl), [device], **timing)
@@ -406,7 +494,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
         loop = []
         for family in families if "loop" in sections else ():
             where = grid["loop"]
-            cfg = config(family, where["d_model"], where["seq_len"], grid["tokens_per_step"], grid["n_layers"],
+            cfg = config(family, where["d_model"], where["seq_len"], where["tokens"], grid["n_layers"],
                          steps=grid["loop_steps"])
             point = _run_point(f"{family} loop", time_loop, cfg, point_dir("loop", family), [device])
             loop.append({"family": family, **where, **point})
@@ -545,32 +633,37 @@ def to_markdown(results: dict) -> str:
 
 def _train_markdown(results: dict) -> list[str]:
     dtype = results["compute_dtype"]
-    lines = ["", f"## Train step (the Trainer's jitted step, 1 device, {results['grid']['tokens_per_step']} tokens per "
-              f"step, {results['grid']['n_layers']} layers)", "",
+    lines = ["", f"## Train step (the Trainer's jitted step, 1 device, {results['grid']['n_layers']} layer(s))", "",
               "MFU = analytic model FLOPs (lmu_jax/flops.py, training = 3 x forward) / step time / the "
               f"{dtype} matmul ceiling. Median step over >= {results['grid']['min_steps']} steps after a warm-up.", "",
-              "| family | d_model | n | memory impl | params | step ms | tokens/s | MFU | peak MiB |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "| family | d_model | n | tokens/step | memory impl | params | step ms | tokens/s | MFU | peak MiB |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for p in results["train"]:
         impl = p.get("memory_impl") or "-"
         if "remat" in p:
             impl += f", remat {'on' if p['remat'] else 'off'}"
-        lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {impl} | {p.get('params', 0) / 1e6:.2f}M | "
-                     + _step_cells(p) + " |")
+        lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p.get('tokens_per_step', '?')} | {impl} | "
+                     f"{p.get('params', 0) / 1e6:.2f}M | " + _step_cells(p) + " |")
     lines += ["", "## Where the time goes (jax.profiler trace of 2 steps, share of all XLA op time)", "",
-              "| family | d_model | n | op time ms | top op kinds |", "|---|---|---|---|---|"]
+              "Op time is summed over the threads that run ops side by side, so it can exceed the step time. "
+              "Matmuls: the ops that are, or fuse, dot products (FLOPs from the compiled HLO's shapes), their share "
+              "of op time and their speed; MFU ~ share x speed / ceiling.", "",
+              "| family | d_model | n | tokens/step | op time ms | matmul share | matmul GFLOP/s | top op kinds |",
+              "|---|---|---|---|---|---|---|---|"]
     for p in results["train"]:
         if "top_ops" in p:
             top = ", ".join(f"{k} {v:.0%}" for k, v in p["top_ops"].items())
-            lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p['op_time_ms']:.0f} | {top} |")
+            lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p.get('tokens_per_step', '?')} | "
+                         f"{p['op_time_ms']:.0f} | {_fmt(p.get('matmul_time_share'), '.0%')} | "
+                         f"{_fmt(p.get('matmul_gflops'), '.0f')} | {top} |")
     return lines
 
 
 def _loop_markdown(results: dict) -> list[str]:
     lines = ["", "## Whole training loop vs bare step", "",
-              "Loop: `Trainer.train()` (input pipeline, delayed metrics, metrics.jsonl), mean of its own "
-              "step_time records. Bare: the same jitted step on prepared batches, dispatched back to back, "
-              "timed just before the loop in the same Trainer.", "",
+              "Loop: `Trainer.train()` (input pipeline, delayed metrics, metrics.jsonl), median of its own "
+              "step_time records. Bare: the same jitted step on prepared batches, timed the same way (metrics "
+              "fetched one step late), before and after the loop in the same Trainer; the faster median is used.", "",
               "| family | d_model | n | loop step ms | bare step ms | loop / bare | loop tokens/s |",
               "|---|---|---|---|---|---|---|"]
     for p in results["loop"]:

@@ -51,7 +51,9 @@ def test_quick_bench_structure(quick_results):
     table = (out / "cpu_quick.md").read_text()
     assert "## Ceiling" in table and "## Goals" in table and "## Sequence-length scaling" in table
     assert "| lmu | 64 | 128 |" in table and "## Where the time goes" in table
-    assert any("top_ops" in p for p in results["train"] if p["family"] == "lmu")
+    profiled = [p for p in results["train"] if "top_ops" in p]
+    assert [p["family"] for p in profiled] == ["lmu"]
+    assert 0 < profiled[0]["matmul_time_share"] <= 1 and profiled[0]["matmul_gflops"] > 0
     assert "## LMU memory kernels" in table
 
 
@@ -65,3 +67,18 @@ def test_unknown_family_is_a_user_error(capsys, tmp_path):
 def test_unknown_section_is_a_user_error(capsys, tmp_path):
     assert main(["bench", "--sections", "loop,speed", "--out", str(tmp_path)]) == 2
     assert "--sections='loop,speed' is invalid" in capsys.readouterr().err
+
+
+def test_dot_flops_are_read_from_the_compiled_module():
+    """2 x output elements x contracted size, for a plain dot and for dots inside a fusion and a batch."""
+    import jax
+    import jax.numpy as jnp
+
+    from benchmarks.suite import dot_flops_per_instruction
+
+    a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
+    flops = dot_flops_per_instruction(jax.jit(lambda a, b: jnp.tanh(a @ b) + 1).lower(a, b).compile().as_text())
+    assert sum(flops.values()) == 2 * 64 * 16 * 32
+    x, y = jnp.ones((3, 8, 5)), jnp.ones((3, 5, 7))
+    flops = dot_flops_per_instruction(jax.jit(jnp.matmul).lower(x, y).compile().as_text())
+    assert sum(flops.values()) == 2 * 3 * 8 * 7 * 5
