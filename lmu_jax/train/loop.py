@@ -111,16 +111,13 @@ class Trainer:
         check_sufficiently_sharded(layout.abstract["params"], p_shardings, mesh, cfg.mesh.sharding_tolerance)
         self.optimizer, self.state_shardings, self.abstract_state = layout.optimizer, layout.shardings, layout.abstract
         self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        # The logged learning rate, jitted: the schedule's dozen eager jnp ops cost ~8 ms a step on a
-        # loaded 2-core CPU, a whole step of a small model (lmu-jax bench, loop vs bare step).
-        self.logged_lr = jax.jit(self.schedule)
         self.batch_sharding = batch_sharding(mesh)
         self.weight_sharding = batch_sharding(mesh, ndim=1)
 
         self.init_state = jax.jit(layout.init_state, out_shardings=self.state_shardings)
         step = partial(_with_test_fault(train_step), apply_fn=self.model.apply, optimizer=self.optimizer,
                        microbatches=cfg.train.microbatches, seed=cfg.train.seed,
-                       skip_nonfinite=cfg.train.nonfinite == "skip")
+                       skip_nonfinite=cfg.train.nonfinite == "skip", schedule=self.schedule)
         inputs = (self.batch_sharding, self.weight_sharding) if self.carried else (self.batch_sharding,)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, *inputs),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
@@ -262,7 +259,7 @@ class Trainer:
                             "(train.nonfinite=skip)", step_no, loss, float(metrics["grad_norm"]))
             tokens = step_no * self.tokens_per_step
             record = {
-                "kind": "train", "step": step_no, "loss": loss, "lr": float(self.logged_lr(step_no - 1)),
+                "kind": "train", "step": step_no, "loss": loss, "lr": float(metrics["lr"]),
                 "grad_norm": float(metrics["grad_norm"]), "finite": finite, "tokens": tokens,
                 "flops_model": tokens * self.flops_per_token,
                 "flops_6n": tokens * kaplan_flops_per_token(self.counts["non_embedding"]),

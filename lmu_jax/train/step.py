@@ -30,9 +30,12 @@ def token_losses(apply_fn, params, windows, *, train: bool, rng=None, carry=None
 
 
 def train_step(state, batch, starts=None, *, apply_fn, optimizer, microbatches: int, seed: int,
-               skip_nonfinite: bool):
+               skip_nonfinite: bool, schedule=None):
     """One optimizer step on the global batch (accumulated over `microbatches` parts). With a carried
-    state, ``starts`` (batch,) bool marks the rows whose stream starts here: their state is reset first."""
+    state, ``starts`` (batch,) bool marks the rows whose stream starts here: their state is reset first.
+    With the optimizer's learning-rate ``schedule``, the metrics include this step's ``lr``: computed
+    here, the logged rate costs the host no device call of its own (one would wait behind the next
+    step, already queued, and leave the device idle while the loop prepares the step after it)."""
     rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
     carry = reset_rows(state["carry"], starts) if "carry" in state else None
 
@@ -78,7 +81,10 @@ def train_step(state, batch, starts=None, *, apply_fn, optimizer, microbatches: 
     new_state = {"step": state["step"] + 1, "params": params, "opt_state": opt_state}
     if carry is not None:
         new_state["carry"] = new_carry
-    return new_state, {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite}
+    if schedule is not None:
+        metrics["lr"] = schedule(state["step"])
+    return new_state, metrics
 
 
 def eval_step(params, windows, mask, carry=None, *, apply_fn):
