@@ -59,7 +59,7 @@ FULL = {
     "d_models": (128, 256, 512), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": (1024, 8192),
     "profile": {"d_model": 512, "seq_len": 256, "tokens": 1024},
     "min_steps": 2, "budget_s": 1.0,
-    "loop_steps": 33, "loop": {"d_model": 128, "seq_len": 256, "tokens": 1024},
+    "loop_steps": 63, "loop": {"d_model": 128, "seq_len": 256, "tokens": 1024},
     # 16384 tokens per batch (one sequence at n = 16384); fitted over 1k-16k
     "scaling_lens": (512, 1024, 2048, 4096, 8192, 16384), "scaling_tokens": 16384,
     "scaling_model": {"d_model": 64, "n_layers": 1}, "fit_from": 1024,
