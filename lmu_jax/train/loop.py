@@ -297,8 +297,10 @@ class Trainer:
                 if pending is not None:  # never checkpoint a state whose loss we have not checked
                     flush(pending)
                     pending = None
+                # a remote metrics.jsonl is uploaded before the checkpoint can commit, so it is never
+                # behind one (a resume drops the lines past the step it restores)
+                writer.sync()
                 ckpt.save(state, self.meta())
-                writer.sync()  # a remote metrics.jsonl keeps up with the checkpoints
             if stop and not is_last:
                 ckpt.wait()
                 if main:
