@@ -310,10 +310,10 @@ def instruction_events(trace_dir: Path) -> dict[str, list]:
     return events
 
 
-def op_times(trace_dir: Path) -> dict[str, float]:
-    """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) from the newest trace."""
+def op_times(events: dict[str, list]) -> dict[str, float]:
+    """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) of instruction_events."""
     totals: dict[str, float] = {}
-    for op, (ns, _) in instruction_events(trace_dir).items():
+    for op, (ns, _) in events.items():
         totals[_op_kind(op)] = totals.get(_op_kind(op), 0.0) + ns
     return totals
 
@@ -355,10 +355,10 @@ def dot_flops_per_instruction(hlo_text: str) -> dict[str, float]:
     return flops
 
 
-def matmul_summary(hlo_text: str, trace_dir: Path) -> dict:
-    """How much of the traced op time the dot products take and how fast they run: the two factors of
-    the MFU (MFU ~ matmul share x matmul GFLOP/s / ceiling, where a model's FLOPs are its matmuls)."""
-    events = instruction_events(trace_dir)
+def matmul_summary(hlo_text: str, events: dict[str, list]) -> dict:
+    """How much of the traced op time (instruction_events) the dot products take and how fast they run:
+    the two factors of the MFU (MFU ~ matmul share x matmul GFLOP/s / ceiling, where a model's FLOPs are
+    its matmuls)."""
     flops = dot_flops_per_instruction(hlo_text)
     total = sum(ns for ns, _ in events.values())
     matmuls = [(ns, n * flops[op]) for op, (ns, n) in events.items() if op in flops]
@@ -380,20 +380,21 @@ def trace_steps(compiled, state, inputs, trace_dir: Path, steps: int = 2):
 def op_breakdown(trace_dir: Path, hlo_text: str | None = None, top: int = 6) -> dict:
     """The op kinds that take the most device time, as shares of all op time (where time goes); with the
     compiled module's text, also the dot products' share of op time and their speed (matmul_summary)."""
-    totals = op_times(trace_dir)
+    events = instruction_events(trace_dir)
+    totals = op_times(events)
     total = sum(totals.values())
     ranked = sorted(totals.items(), key=lambda kv: -kv[1])[:top]
     if not total:
         return {}
     return {"op_time_ms": total / 1e6, "top_ops": {k: v / total for k, v in ranked},
-            **(matmul_summary(hlo_text, trace_dir) if hlo_text else {})}
+            **(matmul_summary(hlo_text, events) if hlo_text else {})}
 
 
 def collective_fraction(trace_dir: Path) -> dict:
     """Share of the XLA ops' device time spent in collectives, from a jax.profiler trace. On fake CPU
     devices that share the cores a collective's time includes waiting at its rendezvous for the slowest
     device, so this is the time the devices are held up by collectives."""
-    totals = op_times(trace_dir)
+    totals = op_times(instruction_events(trace_dir))
     total = sum(totals.values())
     if not total:
         return {"collective_fraction": None, "note": "the trace holds no HLO op events"}
