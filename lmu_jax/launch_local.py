@@ -39,15 +39,20 @@ def _pump(stream, prefix: str, sink):
         sink.flush()
 
 
+def with_cpu_device_count(xla_flags: str, count: int) -> str:
+    """``xla_flags`` (an XLA_FLAGS value) with its fake CPU device count set to ``count``, the rest kept."""
+    flags = [f for f in xla_flags.split() if "device_count" not in f]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+
+
 def launch(command: list[str], processes: int, devices_per_process: int, grace: float = 60.0,
            env: dict | None = None) -> int:
     port = free_port()
     procs, pumps = [], []
     for index in range(processes):
         proc_env = dict(os.environ if env is None else env)
-        flags = [f for f in proc_env.get("XLA_FLAGS", "").split() if "device_count" not in f]
         proc_env.update(
-            XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices_per_process}"]),
+            XLA_FLAGS=with_cpu_device_count(proc_env.get("XLA_FLAGS", ""), devices_per_process),
             JAX_PLATFORMS="cpu", LMU_JAX_COORDINATOR=f"127.0.0.1:{port}",
             LMU_JAX_NUM_PROCESSES=str(processes), LMU_JAX_PROCESS_ID=str(index),
         )

@@ -40,8 +40,9 @@ def subprocess_env(devices: int = 8, **extra) -> dict:
     """The environment of a test's `python -m lmu_jax...` subprocess: this session's XLA flags (see
     conftest.py) with `devices` fake CPU devices, the CPU platform, this checkout first on the path;
     `extra` variables on top."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env = dict(os.environ, XLA_FLAGS=" ".join(flags + [f"--xla_force_host_platform_device_count={devices}"]),
+    from lmu_jax.launch_local import with_cpu_device_count
+
+    env = dict(os.environ, XLA_FLAGS=with_cpu_device_count(os.environ.get("XLA_FLAGS", ""), devices),
                JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env.update({k: str(v) for k, v in extra.items()})
     return env

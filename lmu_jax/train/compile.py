@@ -63,8 +63,9 @@ def cpu_devices(count: int):
     """``count`` CPU devices in this process: set before JAX starts its CPU backend."""
     import jax
 
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={count}"])
+    from lmu_jax.launch_local import with_cpu_device_count
+
+    os.environ["XLA_FLAGS"] = with_cpu_device_count(os.environ.get("XLA_FLAGS", ""), count)
     jax.config.update("jax_platforms", "cpu")
     devices = jax.devices("cpu")
     if len(devices) != count:

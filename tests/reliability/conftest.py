@@ -15,7 +15,6 @@ Test hooks of the code under test (documented where they are read):
 
 from __future__ import annotations
 
-
 import pytest
 
 from helpers import persistent_compile_cache, subprocess_env
