@@ -123,15 +123,15 @@ def references():
         u = rng.standard_normal((2, length, 3))
         reduce = rng.standard_normal((5, order)) / np.sqrt(order)
         cot = rng.standard_normal((2, length, 3, order))
-        cot_reduced = rng.standard_normal((2, length, 3, 5))
+        cot_reduced = rng.standard_normal((2, length, 5, 3))
         memory = reference_memory(u, order, theta)
         cases[order, theta, length] = dict(
             u=u, reduce=reduce, cot=cot, cot_reduced=cot_reduced,
             memory=memory,
             grad_u=reference_memory_vjp(cot, order, theta),
-            folded=np.einsum("ro,btco->btcr", reduce, memory),
-            folded_grad_u=reference_memory_vjp(cot_reduced @ reduce, order, theta),
-            folded_grad_reduce=np.einsum("btcr,btco->ro", cot_reduced, memory),
+            folded=np.einsum("ro,btco->btrc", reduce, memory),
+            folded_grad_u=reference_memory_vjp(np.einsum("btrc,ro->btco", cot_reduced, reduce), order, theta),
+            folded_grad_reduce=np.einsum("btrc,btco->ro", cot_reduced, memory),
         )
     return cases
 
@@ -179,7 +179,7 @@ def test_chunked_any_chunk_length(chunk_len):
     memory = lmu_memory(u.astype(np.float32), order, theta, "chunked", chunk_len)
     folded = lmu_memory_folded(u.astype(np.float32), reduce.astype(np.float32), order, theta, "chunked", chunk_len)
     assert rel_err(memory, expected) < 1e-5
-    assert rel_err(folded, np.einsum("ro,btco->btcr", reduce, expected)) < 1e-5
+    assert rel_err(folded, np.einsum("ro,btco->btrc", reduce, expected)) < 1e-5
 
 
 # --- the chunked scan's pieces --------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_bf16_input_computes_in_float32(impl):
     folded = lmu_memory_folded(u_bf16, reduce_bf16, order, theta, impl)
     assert memory.dtype == jnp.float32 and folded.dtype == jnp.float32
     assert rel_err(memory, expected) < 1e-5  # bf16 arithmetic would be ~3e-3
-    assert rel_err(folded, np.einsum("ro,btco->btcr", reduce64, expected)) < 1e-5
+    assert rel_err(folded, np.einsum("ro,btco->btrc", reduce64, expected)) < 1e-5
 
 
 def test_step_function_reproduces_sequential_memory():

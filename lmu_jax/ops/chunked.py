@@ -31,6 +31,8 @@ import numpy as np
 from lmu_jax.ops.legendre import impulse_response, lmu_matrices
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+# Channels from which the chunk matmul runs batched over (batch, chunk); see chunked_memory.
+BATCHED_CHUNK_MIN_CHANNELS = 256
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,7 +101,8 @@ def chunk_final_states(chunks: jax.Array, kernel_reversed: jax.Array) -> jax.Arr
 
 
 def chunked_memory(u: jax.Array, order: int, theta: float, chunk_len: int, readout: jax.Array | None = None):
-    """(B, n, D) float32 -> (B, n, D, r): readout @ memory (r = order, readout = I, when None)."""
+    """(B, n, D) float32 -> (B, n, r, D): readout @ memory (r = order, readout = I, when None),
+    channels last (the layout the chunk matmul writes)."""
     if int(chunk_len) != chunk_len or chunk_len < 1:
         raise ValueError(f"chunk_len must be a positive integer, got {chunk_len!r}")
     batch, length, channels = u.shape
@@ -125,12 +128,19 @@ def chunked_memory(u: jax.Array, order: int, theta: float, chunk_len: int, reado
     states = scan_chunk_states(jnp.broadcast_to(transition, (num_chunks, order, order)), ends)
     # Chunk k starts from the state at the end of chunk k-1; chunk 0 from zero.
     previous = jnp.concatenate([jnp.zeros_like(states[:1]), states[:-1]])
-    previous = previous.reshape(num_chunks, order, batch, channels).transpose(2, 0, 3, 1)  # (B, K, D, q)
+    previous = previous.reshape(num_chunks, order, batch, channels).transpose(2, 0, 1, 3)  # (B, K, q, D)
 
-    # Both terms are formed as (B, K, D, C, r), the layout a matmul writes without a transpose;
-    # the one transpose to time-major (B, K, C, D, r) fuses with their sum. On CPU this is 2-4x
-    # faster than asking each einsum for the time-major layout.
-    local = jnp.einsum("bkid,ijr->bkdjr", chunks, toeplitz, precision=_HIGHEST)
-    carried = jnp.einsum("bkdq,qjr->bkdjr", previous, carry_in, precision=_HIGHEST)
-    out = jnp.swapaxes(local + carried, 2, 3).reshape(batch, num_chunks * chunk_len, channels, -1)
-    return out[:, :length]
+    # Both terms in one matmul: [inputs; carried-in state] (C + q rows per chunk) against [Toeplitz;
+    # carry-in maps] (C + q, C, r), so the output is written once, with no sum pass.
+    inputs = jnp.concatenate([chunks, previous], axis=2)  # (B, K, C + q, D)
+    weights = jnp.concatenate([toeplitz, carry_in], axis=0)
+    if channels >= BATCHED_CHUNK_MIN_CHANNELS:
+        # Weights broadcast over (batch, chunk), so that the matmul has them as batch dimensions and
+        # writes (B, K, C, r, D) in place: XLA fuses the broadcast (and its sum in the backward pass)
+        # into the matmul. Each chunk's matmul is (C r, C + q) x (C + q, D): too narrow below
+        # BATCHED_CHUNK_MIN_CHANNELS, where one (B K D, C + q) x (C + q, C r) matmul and a transpose win.
+        weights = jnp.broadcast_to(weights, (batch, num_chunks) + weights.shape)
+        out = jnp.einsum("bkid,bkijr->bkjrd", inputs, weights, precision=_HIGHEST)
+    else:
+        out = jnp.einsum("bkid,ijr->bkjrd", inputs, weights, precision=_HIGHEST)
+    return out.reshape(batch, num_chunks * chunk_len, -1, channels)[:, :length]

@@ -1,8 +1,8 @@
 """The LMU memory m_t = A_bar m_{t-1} + B_bar u_t, run independently on every channel.
 
     lmu_memory(u, order, theta)                 (B, n, D) -> (B, n, D, order)
-    lmu_memory_folded(u, reduce, order, theta)  (B, n, D) -> (B, n, D, r) = reduce @ memory,
-                                                computed without ever forming the memory
+    lmu_memory_folded(u, reduce, order, theta)  (B, n, D) -> (B, n, r, D) = reduce @ memory,
+                                                channels last, computed without ever forming the memory
     lmu_memory_step(m_prev, u_t, order, theta)  one recurrent step, for generation
     legendre_readout(m, r)                      u(t - r*theta) decoded from the memory
 
@@ -107,7 +107,9 @@ def _check_input(u: jax.Array) -> jax.Array:
 
 
 # --- implementations ----------------------------------------------------------------------------
-# Each maps u (B, n, D) float32 -> (B, n, D, r), with readout (r, order) or None for the memory.
+# Each maps u (B, n, D) float32 -> (B, n, r, D), channels last, with readout (r, order) or None for the
+# memory (r = order). Channels last is the layout the chunked matmul writes and the implicit attention
+# reads (it contracts over the channels); lmu_memory swaps to (B, n, D, order) for its callers.
 
 
 def _step(m_prev, u_t, a_bar, b_bar):
@@ -118,13 +120,13 @@ def _sequential(u, order, theta, readout):
     a_bar, b_bar = (jnp.asarray(x, jnp.float32) for x in lmu_matrices(order, theta))
 
     def step(m_prev, u_t):
-        m = _step(m_prev, u_t, a_bar, b_bar)
+        m = _step(m_prev, u_t, a_bar, b_bar)  # (B, D, order)
         return m, m if readout is None else jnp.matmul(m, readout.T, precision=_HIGHEST)
 
     m_init = jnp.zeros((u.shape[0], u.shape[2], order), jnp.float32)
     # No `unroll`: 2-16 was measured no faster (often slower) on CPU, for orders 16-256.
     _, outputs = jax.lax.scan(step, m_init, jnp.swapaxes(u, 0, 1))  # (n, B, D, r)
-    return jnp.swapaxes(outputs, 0, 1)
+    return jnp.transpose(outputs, (1, 0, 3, 2))
 
 
 def _fft(u, order, theta, readout):
@@ -138,7 +140,7 @@ def _fft(u, order, theta, readout):
     u_spec = jnp.fft.rfft(jnp.swapaxes(u, 1, 2), n=n_fft)  # (B, D, F)
     out_spec = u_spec[:, :, None, :] * jax.lax.complex(spec_re, spec_im)  # (B, D, r, F)
     out = jnp.fft.irfft(out_spec, n=n_fft)[..., :length]  # (B, D, r, n)
-    return jnp.transpose(out, (0, 3, 1, 2))
+    return jnp.transpose(out, (0, 3, 2, 1))
 
 
 def _chunked(u, order, theta, readout, chunk_len):
@@ -165,14 +167,14 @@ def lmu_memory(u: jax.Array, order: int, theta: float, impl: str = "auto", chunk
     `chunk_len` only matters for impl="chunked" (default `default_chunk_len`; any value >= 1
     works, n need not be a multiple).
     """
-    return _run(_check_input(u), order, theta, impl, chunk_len, None)
+    return jnp.swapaxes(_run(_check_input(u), order, theta, impl, chunk_len, None), -1, -2)
 
 
 @functools.partial(jax.jit, static_argnames=("order", "theta", "impl", "chunk_len"))
 def lmu_memory_folded(
     u: jax.Array, reduce: jax.Array, order: int, theta: float, impl: str = "auto", chunk_len: int | None = None
 ) -> jax.Array:
-    """Reduced memory: einsum('ro,btco->btcr', reduce, lmu_memory(u)) -> (batch, time, channels, r).
+    """Reduced memory: einsum('ro,btco->btrc', reduce, lmu_memory(u)) -> (batch, time, r, channels).
 
     Convolves u with the r folded kernels reduce @ H instead of the `order` kernels H (spec
     section 4), so the (batch, time, channels, order) memory is never formed. Differentiable in
