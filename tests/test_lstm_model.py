@@ -12,7 +12,14 @@ import pytest
 from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.flops import param_counts
-from lmu_jax.models.lstm import LSTMConfig, LSTMLanguageModel, generate_step, init_recurrent_state
+from lmu_jax.models.lstm import (
+    LSTMConfig,
+    LSTMLanguageModel,
+    _run_cells,
+    generate_step,
+    init_recurrent_state,
+    lstm_sequence,
+)
 
 from helpers import repeated_batch_losses
 
@@ -111,3 +118,30 @@ def test_a_few_train_steps_lower_the_loss():
     losses = repeated_batch_losses(model, params, windows, lr=2e-2, steps=10)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.parametrize("d_proj", [0, 16])
+def test_own_backward_pass_matches_autodiff_of_the_scan(d_proj):
+    """lstm_sequence's hand-written backward pass = jax's autodiff of the same forward scan, for x,
+    every weight and the initial carry, with cotangents on the outputs and on the final carry."""
+    batch, time, d_in, d_hidden = 3, 7, 5, 6
+    d_out = d_proj or d_hidden
+    keys = iter(jax.random.split(jax.random.key(0), 10))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)  # noqa: E731
+    args = (normal(batch, time, d_in), normal(d_in, 4, d_hidden) / 2, normal(d_out, 4, d_hidden) / 2,
+            normal(4, d_hidden), normal(d_hidden, d_out) / 2 if d_proj else None,
+            (normal(batch, d_hidden), normal(batch, d_out)))
+    weights = (normal(batch, time, d_out), normal(batch, d_hidden), normal(batch, d_out))
+
+    def loss(sequence_fn, *xs):
+        outputs, (c, h) = sequence_fn(*xs)
+        return jnp.sum(outputs * weights[0]) + jnp.sum(c * weights[1]) + jnp.sum(h * weights[2])
+
+    def autodiff_scan(*xs):
+        return _run_cells(*xs, 1, False, False)[:2]
+
+    argnums = tuple(i for i, a in enumerate(args) if a is not None)
+    ours = jax.grad(lambda *xs: loss(lstm_sequence, *xs), argnums=argnums)(*args)
+    reference = jax.grad(lambda *xs: loss(autodiff_scan, *xs), argnums=argnums)(*args)
+    for got, want in zip(jax.tree.leaves(ours), jax.tree.leaves(reference)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))

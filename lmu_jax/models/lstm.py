@@ -9,11 +9,15 @@ Layers are stacked without residuals; a final LayerNorm, then the (tied) unembed
 
 The time loop is ``lax.scan`` over our own cell rather than ``nn.RNN(nn.OptimizedLSTMCell)``, because
 the LSTMP projection feeds back into the recurrence, which the flax cell cannot express; the math and
-the fused 4-gate matmuls are the same, and so is the speed (CPU, forward+backward, batch 32 x 128
-steps x width 512: flax cell 821 ms, this cell 747 ms). ``hoist_inputs`` moves the input-to-gate
-matmul of every step out of the loop into one big matmul; on CPU (XLA, jax 0.10) that measured
-*slower* (1089 ms there; 1.5-2x slower forward at widths 64-512), so the default keeps both matmuls in
-the loop. Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state stays float32.
+the fused 4-gate matmuls are the same, and so was the speed under autodiff (CPU, forward+backward,
+batch 32 x 128 steps x width 512: flax cell 821 ms, this cell 747 ms). The backward pass is our own
+(``lstm_sequence``): the reverse scan does only the recurrent matmul per step, and the input and
+weight gradients are whole-sequence matmuls after it (train step at d 512, 8192 tokens: 1.25-1.43 s
+-> 1.01-1.04 s; at 1024 tokens 2-3x faster; d 128-256 unchanged). ``hoist_inputs`` moves the forward
+input-to-gate matmul of every step out of the loop into one big matmul; on CPU (XLA, jax 0.10) that
+measured *slower* (1.5-2x slower forward at widths 64-512), so the default keeps both forward
+matmuls in the loop. Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state
+stays float32.
 
 Widths: ``d_model`` is the cell width; ``d_proj`` (if set) is the projected output width, which is
 then also the embedding width and every layer's input width (as in Jozefowicz et al. 2016).
@@ -21,6 +25,7 @@ then also the embedding width and every layer's input width (as in Jozefowicz et
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import flax.linen as nn
@@ -78,6 +83,97 @@ def _orthogonal_per_gate(key, shape, dtype=jnp.float32):
     return jnp.stack([nn.initializers.orthogonal()(k, (d_out, d_hidden), dtype) for k in keys], axis=1)
 
 
+def _gates_to_state(gates, c_prev, dtype):
+    """Pre-activations (batch, 4, d_hidden) float32 -> (i, f, g, o activations, c_t, h_t before any
+    projection, in dtype)."""
+    i, f, o = (jax.nn.sigmoid(gates[:, k]) for k in (0, FORGET_GATE, 3))
+    g = jnp.tanh(gates[:, 2])
+    c = f * c_prev + i * g
+    return (i, f, g, o), c, (o * jnp.tanh(c)).astype(dtype)
+
+
+def _run_cells(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll, hoist, keep):
+    """The forward scan: x (batch, time, d_in) -> (outputs (batch, time, d_out), final carry, and
+    with `keep` the backward pass's residuals per step: activations, c_t, unprojected h_t)."""
+
+    def input_gates(x_t):
+        return _gate_matmul(x_t, input_kernel) + bias
+
+    def cell(carry_, inputs):
+        c_prev, h_prev = carry_
+        gates = inputs if hoist else input_gates(inputs)
+        gates = (gates + _gate_matmul(h_prev, recurrent_kernel)).astype(jnp.float32)
+        acts, c, h_raw = _gates_to_state(gates, c_prev, h_prev.dtype)
+        h = h_raw @ projection if projection is not None else h_raw
+        return (c, h), (h, (jnp.stack(acts, axis=1), c, h_raw) if keep else None)
+
+    xs = input_gates(x) if hoist else x
+    carry, (outputs, kept) = jax.lax.scan(cell, carry, jnp.swapaxes(xs, 0, 1), unroll=unroll)
+    return jnp.swapaxes(outputs, 0, 1), carry, kept
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def lstm_sequence(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll=1, hoist=False):
+    """An LSTM layer over a whole sequence: x (batch, time, d_in), kernels (d_in | d_out, 4, d_hidden),
+    bias (4, d_hidden), projection (d_hidden, d_out) or None, carry (c, h) -> (outputs, final carry).
+
+    Differentiated by its own backward pass: the reverse scan carries only what flows back through
+    time (dc, dh) and does one matmul per step (dh_{t-1} = dgates_t W_hᵀ); the gradients of x and of
+    every weight are then whole-sequence matmuls over the per-step dgates it emits. Autodiff of the
+    scan instead does three more (32-row) matmuls per step and adds each step's weight gradients into
+    (d, 4, d_hidden) accumulators; on CPU at d 512 that took 2.7x the time of this backward pass."""
+    outputs, carry, _ = _run_cells(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll, hoist, False)
+    return outputs, carry
+
+
+def _lstm_sequence_fwd(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll, hoist):
+    outputs, final, kept = _run_cells(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll, hoist, True)
+    return (outputs, final), (x, input_kernel, recurrent_kernel, bias, projection, carry, outputs, kept)
+
+
+def _lstm_sequence_bwd(unroll, hoist, residuals, cotangents):
+    x, input_kernel, recurrent_kernel, bias, projection, (c0, h0), outputs, (acts, cs, h_raws) = residuals
+    d_outputs, (dc_final, dh_final) = cotangents
+    dtype = h0.dtype
+    w_h = recurrent_kernel.reshape(recurrent_kernel.shape[0], -1)  # (d_out, 4 d_hidden)
+    c_prevs = jnp.concatenate([c0[None], cs[:-1]])  # (time, batch, d_hidden)
+
+    def step_back(carry_, inputs):
+        dc, dh_next = carry_  # float32 (batch, d_hidden), (batch, d_out)
+        d_out_t, (i, f, g, o), c, c_prev = inputs
+        dh = d_out_t.astype(jnp.float32) + dh_next
+        dh_raw = dh @ projection.T.astype(jnp.float32) if projection is not None else dh
+        tanh_c = jnp.tanh(c)
+        dc = dc + dh_raw * o * (1 - tanh_c**2)
+        d_gates = jnp.stack([dc * g * i * (1 - i), dc * c_prev * f * (1 - f), dc * i * (1 - g**2),
+                             dh_raw * tanh_c * o * (1 - o)], axis=1).astype(dtype)  # (batch, 4, d_hidden)
+        dh_prev = (d_gates.reshape(d_gates.shape[0], -1) @ w_h.T).astype(jnp.float32)
+        return (dc * f, dh_prev), (d_gates, dh if projection is not None else None)
+
+    acts = tuple(acts[:, :, k] for k in range(4))
+    (dc0, dh0), (d_gates, dhs) = jax.lax.scan(
+        step_back, (dc_final.astype(jnp.float32), dh_final.astype(jnp.float32)),
+        (jnp.swapaxes(d_outputs, 0, 1), acts, cs, c_prevs), reverse=True, unroll=unroll)  # dh: d loss / d h_t
+    # Whole-sequence matmuls: rows are (time, batch) pairs.
+    time_major = jnp.swapaxes(x, 0, 1)
+    h_prevs = jnp.concatenate([h0[None], jnp.swapaxes(outputs, 0, 1)[:-1]])
+    flat_gates = d_gates.reshape(-1, d_gates.shape[2] * d_gates.shape[3])
+    w_x = input_kernel.reshape(input_kernel.shape[0], -1)
+    dx = jnp.swapaxes((flat_gates @ w_x.T).reshape(*time_major.shape[:2], -1), 0, 1).astype(x.dtype)
+    d_input_kernel = (time_major.reshape(-1, w_x.shape[0]).T @ flat_gates).reshape(input_kernel.shape)
+    d_recurrent_kernel = (h_prevs.reshape(-1, w_h.shape[0]).T @ flat_gates).reshape(recurrent_kernel.shape)
+    d_bias = jnp.sum(d_gates.astype(jnp.float32), axis=(0, 1)).astype(bias.dtype)
+    d_projection = None
+    if projection is not None:
+        d_projection = (h_raws.reshape(-1, h_raws.shape[-1]).T.astype(jnp.float32)
+                        @ dhs.reshape(-1, dhs.shape[-1])).astype(projection.dtype)
+    return (dx, d_input_kernel.astype(input_kernel.dtype), d_recurrent_kernel.astype(recurrent_kernel.dtype),
+            d_bias, d_projection, (dc0.astype(c0.dtype), dh0.astype(h0.dtype)))
+
+
+lstm_sequence.defvjp(_lstm_sequence_fwd, _lstm_sequence_bwd)
+
+
 class LSTMLayer(nn.Module):
     d_hidden: int
     d_proj: int = 0
@@ -104,36 +200,21 @@ class LSTMLayer(nn.Module):
         return (jnp.zeros((batch, self.d_hidden), jnp.float32),
                 jnp.zeros((batch, self.d_proj or self.d_hidden), self.dtype))
 
-    def _input_gates(self, x):
-        """x (..., d_in) -> (..., 4, d_hidden): the input part of all four gates, bias included."""
-        return _gate_matmul(x, self.input_kernel.astype(self.dtype)) + self.bias.astype(self.dtype)
-
-    def _cell(self, carry, input_gates):
-        """One time step given the input part of the gates (batch, 4, d_hidden)."""
-        c, h = carry
-        gates = input_gates + _gate_matmul(h, self.recurrent_kernel.astype(self.dtype))
-        gates = gates.astype(jnp.float32)
-        i, f, g, o = (gates[:, k] for k in range(4))
-        c = jax.nn.sigmoid(f) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-        h = (jax.nn.sigmoid(o) * jnp.tanh(c)).astype(self.dtype)
-        if self.d_proj:
-            h = h @ self.projection.astype(self.dtype)
-        return (c, h), h
+    def _weights(self):
+        """The layer's weights in the compute dtype: input and recurrent kernels, bias, projection."""
+        projection = self.projection.astype(self.dtype) if self.d_proj else None
+        return (self.input_kernel.astype(self.dtype), self.recurrent_kernel.astype(self.dtype),
+                self.bias.astype(self.dtype), projection)
 
     def __call__(self, x, carry=None):
         """x (batch, time, d_in) -> (outputs (batch, time, d_out), final carry)."""
         carry = self.initial_carry(x.shape[0]) if carry is None else carry
-        if self.hoist_inputs:  # one big input matmul for every step, only the recurrent one in the loop
-            body, xs = self._cell, self._input_gates(x)
-        else:  # both matmuls inside the loop (measured 1.5-2x faster forward on CPU)
-            body, xs = (lambda carry_, x_t: self._cell(carry_, self._input_gates(x_t))), x
-        carry, outputs = jax.lax.scan(body, carry, jnp.swapaxes(xs, 0, 1), unroll=self.unroll)
-        return jnp.swapaxes(outputs, 0, 1), carry
+        return lstm_sequence(x, *self._weights(), carry, self.unroll, self.hoist_inputs)
 
     def step(self, x_t, carry):
-        """x_t (batch, d_in) -> (output (batch, d_out), carry)."""
-        carry, h = self._cell(carry, self._input_gates(x_t))
-        return h, carry
+        """x_t (batch, d_in) -> (output (batch, d_out), carry): one token, the scan's cell."""
+        outputs, carry = lstm_sequence(x_t[:, None], *self._weights(), carry)
+        return outputs[:, 0], carry
 
 
 class LSTMLanguageModel(nn.Module):
