@@ -19,9 +19,10 @@ also keeps a key/value cache for its global attention, which is O(n) in the toke
 
 ``remat`` wraps the memory + implicit-attention sub-block in ``nn.remat``: the residuals saved for
 the backward pass drop 2.7x (365 -> 133 MiB per layer at batch 16, n 256, d 128, q 64; the GELU'd
-(batch, time, 3q', d) Q, K, V and their intermediates are what is saved without it) for 5-20 % more time
-on CPU at q 64 (~50 % at q 250). XLA:CPU's own buffer assignment showed no peak-memory change, so the
-saving is for accelerators, where activations bound the batch; turn it off for speed on CPU.
+(batch, time, 3q', d) Q, K, V and their intermediates are what is saved without it) for more time: on
+CPU at q 64, d 512, 4 % since the memory went channels last (17 % before; ~50 % at q 250, measured
+before). XLA:CPU's own buffer assignment showed no peak-memory change, so the saving is for
+accelerators, where activations bound the batch; turn it off for speed on CPU.
 
 FLOPs: ``forward_flops_per_token`` counts the memory by the paper's Table 2 (the FFT path), whatever
 ``memory_impl`` runs, so a model's FLOPs do not depend on the kernel picked for the hardware;
