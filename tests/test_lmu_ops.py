@@ -25,7 +25,7 @@ from lmu_jax.ops import (
     scan_chunk_states,
     select_memory_impl,
 )
-from lmu_jax.ops.chunked import causal_toeplitz, chunk_final_states
+from lmu_jax.ops.chunked import BATCHED_CHUNK_MIN_CHANNELS, causal_toeplitz, chunk_final_states
 
 ACCURACY_CASES = [(8, 64.0, 300), (64, 1000.0, 1024), (256, 1024.0, 1024), (16, 4.0, 200)]
 
@@ -180,6 +180,23 @@ def test_chunked_any_chunk_length(chunk_len):
     folded = lmu_memory_folded(u.astype(np.float32), reduce.astype(np.float32), order, theta, "chunked", chunk_len)
     assert rel_err(memory, expected) < 1e-5
     assert rel_err(folded, np.einsum("ro,btco->btrc", reduce, expected)) < 1e-5
+
+
+def test_chunked_batched_matmul_path_at_many_channels():
+    """From BATCHED_CHUNK_MIN_CHANNELS channels the chunk matmul runs batched over (batch, chunk)
+    (the LM's path at d_model >= 256): the same float64 reference, values and gradients."""
+    order, theta, length, channels = 8, 20.0, 37, BATCHED_CHUNK_MIN_CHANNELS
+    rng = np.random.default_rng(5)
+    u, reduce = rng.standard_normal((2, length, channels)), rng.standard_normal((4, order))
+    cot = rng.standard_normal((2, length, 4, channels))
+    expected = reference_memory(u, order, theta)
+    folded, vjp = jax.vjp(lambda x, r: lmu_memory_folded(x, r, order, theta, "chunked", 16),
+                          u.astype(np.float32), reduce.astype(np.float32))
+    grad_u, grad_reduce = vjp(cot.astype(np.float32))
+    assert rel_err(lmu_memory(u.astype(np.float32), order, theta, "chunked", 16), expected) < 1e-5
+    assert rel_err(folded, np.einsum("ro,btco->btrc", reduce, expected)) < 1e-5
+    assert rel_err(grad_u, reference_memory_vjp(np.einsum("btrc,ro->btco", cot, reduce), order, theta)) < 1e-5
+    assert rel_err(grad_reduce, np.einsum("btrc,btco->ro", cot, expected)) < 1e-5
 
 
 # --- the chunked scan's pieces --------------------------------------------------------------------
