@@ -105,7 +105,7 @@ def _run_cells(x, input_kernel, recurrent_kernel, bias, projection, carry, unrol
         gates = (gates + _gate_matmul(h_prev, recurrent_kernel)).astype(jnp.float32)
         acts, c, h_raw = _gates_to_state(gates, c_prev, h_prev.dtype)
         h = h_raw @ projection if projection is not None else h_raw
-        return (c, h), (h, (jnp.stack(acts, axis=1), c, h_raw) if keep else None)
+        return (c, h), (h, (acts, c, h_raw) if keep else None)
 
     xs = input_gates(x) if hoist else x
     carry, (outputs, kept) = jax.lax.scan(cell, carry, jnp.swapaxes(xs, 0, 1), unroll=unroll)
@@ -120,8 +120,9 @@ def lstm_sequence(x, input_kernel, recurrent_kernel, bias, projection, carry, un
     Differentiated by its own backward pass: the reverse scan carries only what flows back through
     time (dc, dh) and does one matmul per step (dh_{t-1} = dgates_t W_hᵀ); the gradients of x and of
     every weight are then whole-sequence matmuls over the per-step dgates it emits. Autodiff of the
-    scan instead does three more (32-row) matmuls per step and adds each step's weight gradients into
-    (d, 4, d_hidden) accumulators; on CPU at d 512 that took 2.7x the time of this backward pass."""
+    scan instead does three more (batch-row) matmuls per step and adds each step's weight gradients
+    into (d, 4, d_hidden) accumulators (CPU, d 512, 8192 tokens: a train step of 1.25-1.43 s, against
+    1.01-1.04 s with this backward pass)."""
     outputs, carry, _ = _run_cells(x, input_kernel, recurrent_kernel, bias, projection, carry, unroll, hoist, False)
     return outputs, carry
 
@@ -150,7 +151,6 @@ def _lstm_sequence_bwd(unroll, hoist, residuals, cotangents):
         dh_prev = (d_gates.reshape(d_gates.shape[0], -1) @ w_h.T).astype(jnp.float32)
         return (dc * f, dh_prev), (d_gates, dh if projection is not None else None)
 
-    acts = tuple(acts[:, :, k] for k in range(4))
     (dc0, dh0), (d_gates, dhs) = jax.lax.scan(
         step_back, (dc_final.astype(jnp.float32), dh_final.astype(jnp.float32)),
         (jnp.swapaxes(d_outputs, 0, 1), acts, cs, c_prevs), reverse=True, unroll=unroll)  # dh: d loss / d h_t
