@@ -47,7 +47,8 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 #     fft 1.10x faster at 4096); at 16384 chunked won the full grid by 1.23x (median and minimum),
 #     where earlier head-to-head runs had a tie.
 # Re-measured after the chunked kernel went channels last (a slower host): the same picks, auto within
-# 9 % of the fastest everywhere (lmu_memory_cpu.md). Thresholds sit between measured points. GPU/TPU are NOT measured yet: they take the spec's
+# 9 % of the fastest everywhere (lmu_memory_cpu.md). Thresholds sit between measured points.
+# GPU/TPU are NOT measured yet: they take the spec's
 # default, the FFT (section 7.1), until a device benchmark adds rows for them.
 _AUTO_TABLE = {
     ("cpu", False): [(4096, 32, "chunked"), (None, None, "sequential")],

@@ -121,11 +121,13 @@ def test_a_killed_sweep_runner_neither_loses_nor_duplicates_runs(tmp_path, kjv_c
     # Paused (it keeps its lock), so that the restart below meets run 1 still running however fast the
     # host trains: unpaused, it once finished its 27 remaining steps before the restarted runner looked.
     os.kill(orphan, signal.SIGSTOP)
-    runner.kill()
-    # 2. a restarted runner must not start run 1 again while its trainer runs; it goes on with run 2
-    restarted = Launch(args, run_env(devices=1), logs)
-    restarted.wait_until(lambda: checkpoint_steps(second), "run 2 to write a checkpoint")
-    os.kill(orphan, signal.SIGCONT)
+    try:
+        runner.kill()
+        # 2. a restarted runner must not start run 1 again while its trainer runs; it goes on with run 2
+        restarted = Launch(args, run_env(devices=1), logs)
+        restarted.wait_until(lambda: checkpoint_steps(second), "run 2 to write a checkpoint")
+    finally:  # never leave a stopped trainer behind, whatever failed
+        os.kill(orphan, signal.SIGCONT)
     # 3. now the whole job dies: runner and trainer (the runner starts each trainer in a session of its own)
     trainer = json.loads((second / STATUS_FILE).read_text())["pid"]
     restarted.kill_group()
