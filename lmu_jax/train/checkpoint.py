@@ -36,6 +36,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import re
 import time
 
 import jax
@@ -123,7 +124,11 @@ def _before_commit() -> None:
 
 
 def _first_line(err: BaseException) -> str:
-    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:300]}"
+    """The error's first line for a log line; tensorstore's errors end in a kilobyte-long spec of the
+    array (dropped), after the cause (kept: a plain cut at 300 characters lost it)."""
+    line = (str(err).strip().splitlines() or [""])[0]
+    line = re.sub(r"\s*\[tensorstore_spec=.*$", "", line)
+    return f"{type(err).__name__}: {line if len(line) <= 500 else line[:250] + ' … ' + line[-250:]}"
 
 
 def _alive(state) -> bool:
