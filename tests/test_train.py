@@ -145,6 +145,29 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kjv_cache):
         np.testing.assert_array_equal(a, b)
 
 
+def test_sigterm_while_restoring_stops_after_one_step_with_a_checkpoint(tmp_path, kjv_cache, monkeypatch):
+    """A preemption can come before the first step (restoring, compiling): the handler is already in
+    place, so the run takes one step, saves it and says so, instead of dying to the default SIGTERM."""
+    cfg = make_cfg(kjv_cache, train={"steps": 8}, checkpoint={"every": 0})
+    restore = Checkpointer.restore_latest
+
+    def restore_then_sigterm(self, *args, **kwargs):
+        signal.raise_signal(signal.SIGTERM)
+        return restore(self, *args, **kwargs)
+
+    monkeypatch.setattr(Checkpointer, "restore_latest", restore_then_sigterm)
+    missed = []  # stands in for the default handler (which would kill pytest)
+    outside = lambda *_: missed.append(True)  # noqa: E731
+    previous = signal.signal(signal.SIGTERM, outside)
+    try:
+        result = Trainer(cfg, tmp_path / "run").train()
+        assert signal.getsignal(signal.SIGTERM) is outside  # handed back once the run is over
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not missed and result == {"status": "preempted", "step": 1}
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+
+
 @pytest.mark.slow
 def test_sigterm_saves_and_exits_cleanly(tmp_path, kjv_cache):
     config = write_config(tmp_path / "c.yaml", tiny_config(kjv_cache, train={"steps": 400},

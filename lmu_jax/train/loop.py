@@ -203,6 +203,9 @@ class Trainer:
         ckpt = writer = progress = preemption = None
         self.step_reached = 0
         try:
+            # first: a SIGTERM while restoring or compiling stops the run after its first step, with
+            # a checkpoint, instead of killing it
+            preemption = Preemption()
             ckpt = Checkpointer(run.checkpoints, cfg.checkpoint)
             state, meta = ckpt.restore_latest(self.abstract_state, set_aside_unusable=True)
             if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
@@ -216,7 +219,6 @@ class Trainer:
             if main and start:
                 print(f"resuming {run.path} from step {start}")
             writer = MetricsWriter(run.path, resume_step=start, tensorboard=cfg.log.tensorboard)
-            preemption = Preemption()
             progress = _progress_bar(main and cfg.log.progress, start, cfg.train.steps)
             self._started = True
             return self._loop(state, start, ckpt, writer, preemption, progress)

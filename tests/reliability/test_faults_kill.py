@@ -31,6 +31,12 @@ def resumed_from(launch) -> int:
     return 0
 
 
+def stepped_past(run, target: int, before):
+    """Has this launch logged ``target``? Its metrics.jsonl replaces the killed launch's (``before``,
+    whose lines may run past ``target``) once it has restored: until then those lines are not its."""
+    return lambda: metrics_inode(run) not in (None, before) and last_logged_step(run) >= target
+
+
 def metrics_inode(run):
     try:
         return os.stat(run / "metrics.jsonl").st_ino
@@ -82,20 +88,22 @@ def test_killed_three_times_and_preempted_once_ends_bitwise_equal(tmp_path, kjv_
     assert in_flight.exists() and step_in_flight not in checkpoint_steps(run)  # killed before the commit
 
     # 3. SIGKILL at another random step
+    before = metrics_inode(run)
     third = Launch(args, run_env(devices=1), logs)
     third.wait_until(lambda: "resuming" in third.out, "the resume")
     target = resumed_from(third) + rng.randint(1, 6)
-    third.wait_until(lambda: last_logged_step(run) >= target, f"step {target}")
+    third.wait_until(stepped_past(run, target, before), f"step {target}")
     third.kill()
     table[-1].append(resumed_from(third))
     table.append(["SIGKILL at a random step", last_logged_step(run)])
 
     # 4. SIGTERM: a checkpoint of the step in flight, a message, exit code 0
+    before = metrics_inode(run)
     fourth = Launch(args, run_env(devices=1), logs)
     fourth.wait_until(lambda: "resuming" in fourth.out, "the resume")
     table[-1].append(resumed_from(fourth))
     target = resumed_from(fourth) + rng.randint(1, 3)
-    fourth.wait_until(lambda: last_logged_step(run) >= target, f"step {target}")
+    fourth.wait_until(stepped_past(run, target, before), f"step {target}")
     signalled_at = last_logged_step(run)
     fourth.proc.send_signal(signal.SIGTERM)
     assert fourth.finish(timeout=60) == 0, fourth.err
