@@ -84,8 +84,46 @@ def rotary(x, positions, base: float = 10000.0):
     return out.astype(x.dtype)
 
 
+# Causal attention's query blocks on CPU: at least this many queries a block, at most this many blocks
+ATTENTION_MIN_BLOCK, ATTENTION_MAX_BLOCKS = 64, 8
+
+
+def causal_attention(q, k, v):
+    """softmax(q k^T / sqrt(head_dim), causal) v on (batch, time, heads, head_dim) arrays.
+
+    Accelerators: ``jax.nn.dot_product_attention`` (cuDNN / fused kernels). XLA:CPU runs that as one
+    (time x time) score tensor through a softmax whose backward makes several passes over it, memory
+    bound. Here the queries go in blocks, each against only the keys up to its end (the causal upper
+    triangle is never computed), and the normalisation divides the (block x head_dim) output instead
+    of the (block x keys) probabilities, with the row max held out of the gradient (softmax is shift
+    invariant). Measured on the 2-core CPU host, forward + backward: batch 4, n 256, 8 heads of 64:
+    31 -> 8 ms; n 1024: 148 -> 50 ms; in the train step of the d512 transformer at n 1024 (1024
+    tokens): 258 -> 158 ms, of lmu_attn: 417 -> 305 ms.
+    """
+    if jax.default_backend() != "cpu":
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    time, head_dim = q.shape[1], q.shape[-1]
+    blocks = ATTENTION_MAX_BLOCKS
+    while blocks > 1 and (time % blocks or time // blocks < ATTENTION_MIN_BLOCK):
+        blocks //= 2
+    size = time // blocks
+    q = q * jnp.asarray(1 / math.sqrt(head_dim), q.dtype)
+    outputs = []
+    for b in range(blocks):
+        end = (b + 1) * size
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q[:, b * size:end], k[:, :end],
+                            preferred_element_type=jnp.float32)
+        causal = jnp.arange(b * size, end)[:, None] >= jnp.arange(end)[None, :]
+        scores = jnp.where(causal, scores, -jnp.inf)
+        weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(-1, keepdims=True)))
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v[:, :end],
+                         preferred_element_type=jnp.float32)
+        outputs.append(out / jnp.swapaxes(weights.sum(-1), 1, 2)[..., None])
+    return jnp.concatenate(outputs, axis=1).astype(v.dtype)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention through ``jax.nn.dot_product_attention``."""
+    """Multi-head causal self-attention (``causal_attention``)."""
 
     n_heads: int
     rope: bool = True
@@ -108,7 +146,7 @@ class CausalSelfAttention(nn.Module):
         if self.rope:
             positions = jnp.arange(x.shape[1])
             q, k = rotary(q, positions), rotary(k, positions)
-        out = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+        out = causal_attention(q, k, v)
         return nn.DenseGeneral(
             d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
             kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),

@@ -42,7 +42,8 @@ from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import attention_flops, dense_flops
 from lmu_jax.models import Family
-from lmu_jax.models.layers import DEFAULT_INIT, Embedder, Mlp, Norm, dtype_of, partitioned, rotary
+from lmu_jax.models.layers import (DEFAULT_INIT, Embedder, Mlp, Norm, causal_attention, dtype_of, partitioned,
+                                   rotary)
 from lmu_jax.ops import MEMORY_IMPLS, default_chunk_len, lmu_memory_folded, lmu_memory_step
 
 MEMORY_IMPL_CHOICES = ("auto",) + MEMORY_IMPLS
@@ -199,7 +200,7 @@ class GlobalAttention(nn.Module):
 
     def __call__(self, x):
         q, k, v = self._qkv(x, jnp.arange(x.shape[1]))
-        return self.out(jax.nn.dot_product_attention(q, k, v, is_causal=True))
+        return self.out(causal_attention(q, k, v))
 
     def step(self, x_t, cache, position):
         """x_t (batch, d); cache {"key", "value"}: (batch, max_len, heads, head_dim); position: int32 scalar."""
