@@ -91,6 +91,26 @@ def test_recurrent_generation_equals_parallel(family):
     assert int(state["position"]) == SEQ
 
 
+def test_implicit_attention_is_eqs_8_to_10_in_float64():
+    """attend (readout first, (r^T P) V) against eqs. 8-10 as written, M' = softmax(Q K^T) V then r^T M',
+    in float64 NumPy, with the gelu on the reduced rows (eq. 7)."""
+    cfg = tiny()
+    module = ImplicitAttention(cfg)
+    x = jax.random.normal(jax.random.PRNGKey(3), (2, SEQ, cfg.d_model))
+    params = nn.meta.unbox(module.init(jax.random.PRNGKey(4), x)["params"])
+    reduced = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (2, SEQ, 3 * cfg.q_reduced, cfg.d_model)))
+    got = module.apply({"params": params}, jnp.asarray(reduced, jnp.float32), method=ImplicitAttention.attend)
+
+    gelu = 0.5 * reduced * (1 + np.tanh(np.sqrt(2 / np.pi) * (reduced + 0.044715 * reduced ** 3)))
+    query, key, value = np.split(gelu, 3, axis=-2)  # (..., q', d)
+    scores = np.einsum("...id,...jd->...ij", query, key) * cfg.logit_scale
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    mixed = np.einsum("...ij,...jd->...id", weights, value)  # M'
+    want = np.einsum("...id,i->...d", mixed, np.asarray(params["readout"], np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
 def test_lmu_recurrent_state_is_constant_size():
     """The lmu variant's state is the q x d memory per layer (and a step counter), whatever the length."""
     cfg = tiny()

@@ -161,11 +161,13 @@ class ImplicitAttention(nn.Module):
     def attend(self, reduced):
         """(..., 3q', d) reduced memory rows -> (..., d): eqs. 8-10, contracting over the channels d.
         Channels last: every elementwise pass runs along d, and the split into Q, K, V is along a
-        major axis (with d first and 3q' = 18 last, the same block trained 1.4x slower on CPU)."""
+        major axis (with d first and 3q' = 18 last, the same block trained 1.4x slower on CPU).
+        The readout goes first, r^T (P V) = (r^T P) V: the mixed rows M' = P V, (q', d) per token, are
+        never formed (attend forward + backward at batch 4, n 256, d 512 on the CPU: 68 -> 52 ms)."""
         query, key, value = jnp.split(nn.gelu(reduced), 3, axis=-2)  # each (..., q', d)
         scores = jnp.einsum("...id,...jd->...ij", query, key) * self.cfg.logit_scale  # (..., q', q')
-        mixed = jnp.einsum("...ij,...jd->...id", jax.nn.softmax(scores, axis=-1), value)  # M' (..., q', d)
-        return jnp.einsum("...id,i->...d", mixed, self.readout)
+        weights = jnp.einsum("...ij,i->...j", jax.nn.softmax(scores, axis=-1), self.readout)  # r^T P
+        return jnp.einsum("...jd,...j->...d", value, weights)
 
 
 class GlobalAttention(nn.Module):
