@@ -674,7 +674,8 @@ def _loop_markdown(results: dict) -> list[str]:
     lines = ["", "## Whole training loop vs bare step", "",
               "Loop: `Trainer.train()` (input pipeline, delayed metrics, metrics.jsonl), median of its own "
               "step_time records. Bare: the same jitted step on prepared batches, timed the same way (metrics "
-              "fetched one step late), before and after the loop in the same Trainer; the faster median is used.", "",
+              "fetched one step late). Run as bare, loop, bare, loop (the second loop in a second Trainer); each "
+              "side is the faster of its two medians.", "",
               "| family | d_model | n | loop step ms | bare step ms | loop / bare | loop tokens/s |",
               "|---|---|---|---|---|---|---|"]
     for p in results["loop"]:
