@@ -31,17 +31,22 @@ def resumed_from(launch) -> int:
     return 0
 
 
-def stepped_past(run, target: int, before):
-    """Has this launch logged ``target``? Its metrics.jsonl replaces the killed launch's (``before``,
-    whose lines may run past ``target``) once it has restored: until then those lines are not its."""
-    return lambda: metrics_inode(run) not in (None, before) and last_logged_step(run) >= target
-
-
 def metrics_inode(run):
     try:
         return os.stat(run / "metrics.jsonl").st_ino
     except FileNotFoundError:
         return None
+
+
+def restored(run, before) -> bool:
+    """Has the new launch restored? It replaces the killed launch's metrics.jsonl (inode ``before``,
+    whose lines may run past where it resumes) once it has restored and cleaned up."""
+    return metrics_inode(run) not in (None, before)
+
+
+def stepped_past(run, target: int, before):
+    """Has the new launch logged ``target``? Until it has restored, the lines are the killed launch's."""
+    return lambda: restored(run, before) and last_logged_step(run) >= target
 
 
 @pytest.mark.slow
@@ -75,8 +80,8 @@ def test_killed_three_times_and_preempted_once_ends_bitwise_equal(tmp_path, kjv_
     before = metrics_inode(run)
     second = Launch(args, run_env(devices=1, LMU_JAX_TEST_CKPT_DELAY_S=60), logs)
 
-    def new_write_in_flight():  # metrics.jsonl is rewritten once the launch has restored (and cleaned up)
-        if metrics_inode(run) in (None, before):
+    def new_write_in_flight():
+        if not restored(run, before):
             return None
         return next((run / "checkpoints").glob("*.orbax-checkpoint-tmp*"), None)
 
