@@ -165,8 +165,8 @@ class Checkpointer:
 
     def last_good_text(self) -> str:
         if self.last_good is None:
-            return "no checkpoint of this run was verified yet"
-        return f"the last good checkpoint is {self.last_good} and is intact"
+            return "the last good checkpoint is none"
+        return f"the last good checkpoint is step {self.last_good} in {self.directory}, intact"
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

@@ -225,8 +225,8 @@ class Trainer:
         except OSError as err:  # metrics or run files: say where, and what survives
             if ckpt is not None:
                 ckpt.settle()
-            raise UserError(f"I/O error in --run-dir {run.path} after step {self.step_reached} ({err}); the "
-                            f"last good checkpoint is {_describe(ckpt)}") from err
+            raise UserError(f"I/O error in --run-dir {run.path} after step {self.step_reached} ({err}); "
+                            f"{_last_good_text(ckpt)}") from err
         finally:
             if progress is not None:
                 progress.close()
@@ -254,8 +254,8 @@ class Trainer:
             if not finite and cfg.train.nonfinite == "stop":
                 ckpt.settle()  # so that the message names a checkpoint known to be good
                 raise NonFiniteLoss(f"non-finite loss or gradient at step {step_no} (loss {loss}, grad_norm "
-                                    f"{float(metrics['grad_norm'])}; train.nonfinite=stop); the last good "
-                                    f"checkpoint is {_describe(ckpt)}")
+                                    f"{float(metrics['grad_norm'])}; train.nonfinite=stop); "
+                                    f"{ckpt.last_good_text()}")
             if not finite and main:
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); its update was skipped "
                             "(train.nonfinite=skip)", step_no, loss, float(metrics["grad_norm"]))
@@ -371,9 +371,8 @@ def on_main_agreed(fn, what: str):
     return result
 
 
-def _describe(ckpt: Checkpointer | None) -> str:
-    good = ckpt.last_good if ckpt is not None else None
-    return "none" if good is None else f"step {good} in {ckpt.directory}"
+def _last_good_text(ckpt: Checkpointer | None) -> str:
+    return "the last good checkpoint is none" if ckpt is None else ckpt.last_good_text()
 
 
 def _with_test_fault(step_fn):

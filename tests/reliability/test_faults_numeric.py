@@ -28,7 +28,7 @@ def test_nan_loss_stops_with_the_step_and_a_loadable_checkpoint(tmp_path, kjv_ca
     assert main(["train", "--config", str(config), "--run-dir", str(run)]) == 3
     err = stderr_line(capsys)
     assert "non-finite loss or gradient at step 6 (loss nan" in err, err
-    assert f"the last good checkpoint is step 4 in {run / 'checkpoints'}" in err, err
+    assert f"the last good checkpoint is step 4 in {run / 'checkpoints'}, intact" in err, err
     assert checkpoint_steps(run) == [4]  # nothing after the blow-up was saved
     assert [r["step"] for r in train_records(run)] == [1, 2, 3, 4, 5]
     assert not (run / "DONE").exists() and not (run / ".lock").exists()
