@@ -29,7 +29,7 @@ demo: install corpus
 	$(BIN)/lmu-jax demo
 
 test: install corpus
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 2 tests
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

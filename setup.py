@@ -26,7 +26,7 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9", "array-record"],
         "gcs": ["gcsfs"],  # gs:// paths through etils.epath (orbax/tensorstore need nothing more)
         "tb": ["tensorboardX"],
-        "dev": ["pytest", "hypothesis", "tensorboardX", "gcsfs", "gcp-storage-emulator"],  # a fake GCS for tests
+        "dev": ["pytest", "pytest-xdist", "hypothesis", "tensorboardX", "gcsfs", "gcp-storage-emulator"],  # a fake GCS for tests
     },
     entry_points={"console_scripts": ["lmu-jax=lmu_jax.cli:main"]},
 )
