@@ -8,6 +8,8 @@ Sections of the result (``benchmarks/results/<platform>.json`` and ``.md``):
    device the benchmark runs on. They are the denominators: MFU = model FLOP/s / matmul ceiling in the
    compute dtype (float32 on CPU, bfloat16 elsewhere). Measured at the start and again at the end; the
    higher one is used, so a shared machine's load cannot flatter the MFU.
+   Beside them, the models' own FFN matmul, (tokens x d) @ (d x 4d) at each width: the share of the
+   ceiling that XLA's kernel reaches at those shapes bounds the MFU of a step made of such matmuls.
 2. ``train``: the real Trainer (lmu_jax/train/loop.py) builds each model, its shardings and its jitted,
    donating train step on one device; we compile that very step (``.lower().compile()``) and time it on
    batches from the Trainer's own input pipeline. MFU uses the analytic FLOPs of lmu_jax/flops.py.
@@ -53,11 +55,13 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 # same for every family, so that every family sees the same matmul row count): 1024, and 8192 (32
 # sequences of 256), the batch a recurrence needs to keep the cores busy (its per-step matmuls have
 # batch rows). Profiled: the point whose trace says where the time goes. Scaling: one small model per family (so the
-# transformer's n^2 attention still fits at n = 16384), tokens per batch = the largest n.
+# transformer's n^2 attention still fits at n = 16384), tokens per batch = the largest n. Widths 256-1024:
+# the goals speak of d_model >= 256, and a 1-layer model's MFU grows with width (its matmuls grow as d^2,
+# its memory-bound passes as d).
 FULL = {
     "ceiling_size": 2048, "copy_mib": 512,
-    "d_models": (128, 256, 512), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": (1024, 8192),
-    "profile": {"d_model": 512, "seq_len": 256, "tokens": 1024},
+    "d_models": (256, 512, 1024), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": (1024, 8192),
+    "profile": {"d_model": 1024, "seq_len": 256, "tokens": 8192},
     "min_steps": 2, "budget_s": 1.0,
     "loop_steps": 123, "loop": {"d_model": 128, "seq_len": 256, "tokens": 1024},
     # 16384 tokens per batch (one sequence at n = 16384); fitted over 1k-16k
@@ -112,6 +116,20 @@ def measure_ceiling(size: int, copy_mib: int, device) -> dict:
     seconds = _best_time(jax.jit(lambda v: v + 1.0), x, repeats=5)  # +1 so XLA cannot elide the copy
     out["copy_gb_per_s"] = 2.0 * x.nbytes / seconds / 1e9
     out["copy_mib"] = copy_mib
+    return out
+
+
+def measure_model_matmuls(rows: int, d_models, device) -> list[dict]:
+    """Best-of-3 GFLOP/s of the FFN's up-projection, a (rows x d) @ (d x 4d) float32 matmul, at each
+    width: how fast XLA runs a matmul of the models' own shapes here, an upper bound on the MFU of a
+    step whose FLOPs are such matmuls (the square ceiling above is the denominator of every MFU)."""
+    out = []
+    rng = np.random.default_rng(0)
+    for d in d_models:
+        x = jax.device_put(jnp.asarray(rng.standard_normal((rows, d)), jnp.float32), device)
+        w = jax.device_put(jnp.asarray(rng.standard_normal((d, 4 * d)), jnp.float32), device)
+        seconds = _best_time(jax.jit(jnp.matmul), x, w, repeats=3)
+        out.append({"rows": rows, "d_model": d, "gflops": 2.0 * rows * d * 4 * d / seconds / 1e9})
     return out
 
 
@@ -453,6 +471,8 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
     dtype = compute_dtype()
     ceiling_start = measure_ceiling(grid["ceiling_size"], grid["copy_mib"], device)
     print(f"ceiling: {ceiling_start}", flush=True)
+    model_matmuls = measure_model_matmuls(max(grid["tokens_per_step"]), grid["d_models"], device)
+    print(f"model-shape matmuls: {model_matmuls}", flush=True)
     seconds = {"ceiling": time.time() - started}  # per section, to size the grids
     results = {"platform": jax.default_backend(), "device": str(device.device_kind), "jax_version": jax.__version__,
                "host": {"cpus": os.cpu_count(), "machine": host_platform.machine(),
@@ -549,6 +569,9 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
     results["ceiling"] = {"start": ceiling_start, "end": ceiling_end,
                           **{k: max(ceiling_start[k], ceiling_end[k]) for k in ceiling_start if k.endswith(("gflops", "_s"))}}
     denominator = results["ceiling"][f"matmul_{dtype}_gflops"] * 1e9
+    for m in model_matmuls:
+        m["of_ceiling"] = m["gflops"] * 1e9 / denominator if dtype == "float32" else None
+    results["ceiling"]["model_matmuls"] = model_matmuls
     for point in [*results.get("train", []), *(p for s in results.get("scaling", {}).values() for p in s["points"])]:
         if "model_flops_per_s" in point:
             point["mfu"] = point["model_flops_per_s"] / denominator
@@ -562,25 +585,31 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
 # --- goals and the table ---------------------------------------------------------------------------
 
 
-def _best_mfu(results: dict, family: str, min_d: int = 0) -> float | None:
-    values = [p["mfu"] for p in results.get("train", []) if p["family"] == family and p["d_model"] >= min_d
-              and "mfu" in p]
-    return max(values) if values else None
+def _best_mfu(results: dict, family: str, min_d: int = 0) -> tuple[float | None, str | None]:
+    """The highest MFU of `family`'s train points at d_model >= min_d, and which point it is."""
+    points = [p for p in results.get("train", []) if p["family"] == family and p["d_model"] >= min_d and "mfu" in p]
+    if not points:
+        return None, None
+    best = max(points, key=lambda p: p["mfu"])
+    impl = f", {best['memory_impl']}" if best.get("memory_impl") else ""
+    impl += ", remat off" if best.get("remat") is False else ""
+    return best["mfu"], f"d {best['d_model']}, n {best['seq_len']}, {best['tokens_per_step']} tokens{impl}"
 
 
 def check_goals(results: dict) -> list[dict]:
     """The issue's goals for this platform, each with its measured value and met / missed / not run."""
     goals = []
 
-    def goal(name, value, target, met):
-        goals.append({"goal": name, "value": value, "target": target,
+    def goal(name, value, target, met, at=None):
+        goals.append({"goal": name, "value": value, "target": target, "at": at,
                       "status": "not run" if value is None else ("met" if met(value) else "missed")})
 
     if results["platform"] == "cpu":
-        goal("transformer train-step MFU at d_model >= 256", _best_mfu(results, "transformer", 256), ">= 0.70",
-             lambda v: v >= 0.70)
-        goal("LMU (best impl) train-step MFU", _best_mfu(results, "lmu"), ">= 0.50", lambda v: v >= 0.50)
-        goal("LSTM train-step MFU", _best_mfu(results, "lstm"), ">= 0.40", lambda v: v >= 0.40)
+        for name, family, min_d, target in (("transformer train-step MFU at d_model >= 256", "transformer", 256, 0.70),
+                                            ("LMU (best impl) train-step MFU", "lmu", 0, 0.50),
+                                            ("LSTM train-step MFU", "lstm", 0, 0.40)):
+            value, at = _best_mfu(results, family, min_d)
+            goal(name, value, f">= {target:.2f}", lambda v, t=target: v >= t, at)
     else:
         goal("transformer bf16 MFU at >= 100M parameters", None, ">= 0.40", lambda v: v >= 0.40)
     ratios = [p["loop_over_bare"] for p in results.get("loop", []) if "loop_over_bare" in p]
@@ -626,9 +655,17 @@ def to_markdown(results: dict) -> str:
                        ("matmul_bfloat16_gflops", f"matmul {c['start']['matmul_size']}² bfloat16, GFLOP/s"),
                        ("copy_gb_per_s", f"copy {c['start']['copy_mib']} MiB (read + write), GB/s")):
         lines.append(f"| {label} | {c['start'][key]:.1f} | {c['end'][key]:.1f} | {c[key]:.1f} |")
-    lines += ["", "## Goals", "", "| goal | measured | target | status |", "|---|---|---|---|"]
+    if c.get("model_matmuls"):
+        lines += ["", "The models' own matmul shapes (the FFN up-projection, rows = tokens per step): how fast XLA "
+                  "runs them here, an upper bound on the MFU of a step made of such matmuls.", "",
+                  "| matmul | GFLOP/s | of the ceiling |", "|---|---|---|"]
+        for m in c["model_matmuls"]:
+            lines.append(f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) | "
+                         f"{m['gflops']:.1f} | {_fmt(m.get('of_ceiling'), '.0%')} |")
+    lines += ["", "## Goals", "", "| goal | measured | at | target | status |", "|---|---|---|---|---|"]
     for g in results["goals"]:
-        lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {g['target']} | {g['status']} |")
+        lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {g.get('at') or '-'} | {g['target']} | "
+                     f"{g['status']} |")
     if "train" in results:
         lines += _train_markdown(results)
     if "loop" in results:

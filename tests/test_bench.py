@@ -25,6 +25,8 @@ def test_quick_bench_structure(quick_results):
     ceiling = results["ceiling"]
     for key in ("matmul_float32_gflops", "matmul_bfloat16_gflops", "copy_gb_per_s"):
         assert ceiling[key] > 0 and ceiling["start"][key] > 0 and ceiling["end"][key] > 0
+    assert [m["d_model"] for m in ceiling["model_matmuls"]] == [64]  # the quick grid's one width
+    assert all(m["gflops"] > 0 and 0 < m["of_ceiling"] < 2 for m in ceiling["model_matmuls"])
     assert {p["family"] for p in results["train"]} == {"lmu"}
     for point in results["train"]:
         assert "error" not in point, point
@@ -47,9 +49,11 @@ def test_quick_bench_structure(quick_results):
     assert results["lmu_memory"]["points"] and all(p["auto"] for p in results["lmu_memory"]["points"])
     assert {g["status"] for g in results["goals"]} <= {"met", "missed", "not run"}
     assert len(results["goals"]) == 7
+    lmu_goal = next(g for g in results["goals"] if g["goal"].startswith("LMU (best impl)"))
+    assert lmu_goal["at"].startswith("d 64, n 128, 1024 tokens")  # which point the best MFU is
 
     table = (out / "cpu_quick.md").read_text()
-    assert "## Ceiling" in table and "## Goals" in table and "## Sequence-length scaling" in table
+    assert "## Ceiling" in table and "## Goals" in table and "| (1024 x 64) @ (64 x 256) |" in table and "## Sequence-length scaling" in table
     assert "| lmu | 64 | 128 |" in table and "## Where the time goes" in table
     profiled = [p for p in results["train"] if "top_ops" in p]
     assert [p["family"] for p in profiled] == ["lmu"]
