@@ -119,17 +119,17 @@ def measure_ceiling(size: int, copy_mib: int, device) -> dict:
     return out
 
 
-def measure_model_matmuls(rows: int, d_models, device) -> list[dict]:
-    """Best-of-3 GFLOP/s of the FFN's up-projection, a (rows x d) @ (d x 4d) float32 matmul, at each
-    width: how fast XLA runs a matmul of the models' own shapes here, an upper bound on the MFU of a
-    step whose FLOPs are such matmuls (the square ceiling above is the denominator of every MFU)."""
+def measure_model_matmuls(rows: int, d_models, dtype: str, device) -> list[dict]:
+    """Best-of-3 GFLOP/s of the FFN's up-projection, a (rows x d) @ (d x 4d) matmul in the compute
+    dtype, at each width: how fast XLA runs a matmul of the models' own shapes here, an upper bound on
+    the MFU of a step whose FLOPs are such matmuls (the square ceiling is the denominator of every MFU)."""
     out = []
     rng = np.random.default_rng(0)
     for d in d_models:
-        x = jax.device_put(jnp.asarray(rng.standard_normal((rows, d)), jnp.float32), device)
-        w = jax.device_put(jnp.asarray(rng.standard_normal((d, 4 * d)), jnp.float32), device)
+        x = jax.device_put(jnp.asarray(rng.standard_normal((rows, d)), dtype), device)
+        w = jax.device_put(jnp.asarray(rng.standard_normal((d, 4 * d)), dtype), device)
         seconds = _best_time(jax.jit(jnp.matmul), x, w, repeats=3)
-        out.append({"rows": rows, "d_model": d, "gflops": 2.0 * rows * d * 4 * d / seconds / 1e9})
+        out.append({"rows": rows, "d_model": d, "dtype": dtype, "gflops": 2.0 * rows * d * 4 * d / seconds / 1e9})
     return out
 
 
@@ -471,7 +471,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
     dtype = compute_dtype()
     ceiling_start = measure_ceiling(grid["ceiling_size"], grid["copy_mib"], device)
     print(f"ceiling: {ceiling_start}", flush=True)
-    model_matmuls = measure_model_matmuls(max(grid["tokens_per_step"]), grid["d_models"], device)
+    model_matmuls = measure_model_matmuls(max(grid["tokens_per_step"]), grid["d_models"], dtype, device)
     print(f"model-shape matmuls: {model_matmuls}", flush=True)
     seconds = {"ceiling": time.time() - started}  # per section, to size the grids
     results = {"platform": jax.default_backend(), "device": str(device.device_kind), "jax_version": jax.__version__,
@@ -570,7 +570,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
                           **{k: max(ceiling_start[k], ceiling_end[k]) for k in ceiling_start if k.endswith(("gflops", "_s"))}}
     denominator = results["ceiling"][f"matmul_{dtype}_gflops"] * 1e9
     for m in model_matmuls:
-        m["of_ceiling"] = m["gflops"] * 1e9 / denominator if dtype == "float32" else None
+        m["of_ceiling"] = m["gflops"] * 1e9 / denominator
     results["ceiling"]["model_matmuls"] = model_matmuls
     for point in [*results.get("train", []), *(p for s in results.get("scaling", {}).values() for p in s["points"])]:
         if "model_flops_per_s" in point:
@@ -660,8 +660,8 @@ def to_markdown(results: dict) -> str:
                   "runs them here, an upper bound on the MFU of a step made of such matmuls.", "",
                   "| matmul | GFLOP/s | of the ceiling |", "|---|---|---|"]
         for m in c["model_matmuls"]:
-            lines.append(f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) | "
-                         f"{m['gflops']:.1f} | {_fmt(m.get('of_ceiling'), '.0%')} |")
+            lines.append(f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) {m['dtype']} | "
+                         f"{m['gflops']:.1f} | {m['of_ceiling']:.0%} |")
     lines += ["", "## Goals", "", "| goal | measured | at | target | status |", "|---|---|---|---|---|"]
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {g.get('at') or '-'} | {g['target']} | "

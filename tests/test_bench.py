@@ -53,7 +53,8 @@ def test_quick_bench_structure(quick_results):
     assert lmu_goal["at"].startswith("d 64, n 128, 1024 tokens")  # which point the best MFU is
 
     table = (out / "cpu_quick.md").read_text()
-    assert "## Ceiling" in table and "## Goals" in table and "| (1024 x 64) @ (64 x 256) |" in table and "## Sequence-length scaling" in table
+    assert "## Ceiling" in table and "## Goals" in table and "## Sequence-length scaling" in table
+    assert "| (1024 x 64) @ (64 x 256) float32 |" in table
     assert "| lmu | 64 | 128 |" in table and "## Where the time goes" in table
     profiled = [p for p in results["train"] if "top_ops" in p]
     assert [p["family"] for p in profiled] == ["lmu"]
