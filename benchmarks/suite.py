@@ -195,9 +195,13 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
     batches = [trainer.step_inputs(i) for i in range(4)]
     started = time.perf_counter()
     compiled = trainer.train_step.lower(state, *batches[0]).compile()
+    hlo_text = compiled.as_text()
     point = {"compile_s": time.perf_counter() - started, "peak_bytes": peak_bytes(compiled),
              "tokens_per_step": trainer.tokens_per_step, "flops_per_token": trainer.flops_per_token,
              "params": trainer.counts["total"], "params_non_embedding": trainer.counts["non_embedding"]}
+    executed = xla_flops(compiled, hlo_text)
+    point["xla_over_model_flops"] = None if executed is None else \
+        executed / (trainer.flops_per_token * trainer.tokens_per_step)
     if max_memory is not None and point["peak_bytes"] > max_memory:
         point["skipped"] = f"needs {point['peak_bytes'] / 2**30:.1f} GiB > {max_memory / 2**30:.1f} GiB allowed"
         return point
@@ -216,8 +220,17 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
     point["model_flops_per_s"] = point["tokens_per_s"] * trainer.flops_per_token
     if trace_dir is not None:
         trace_steps(compiled, state, batches[0], trace_dir)
-        point.update(op_breakdown(trace_dir, compiled.as_text()), trace_dir=str(trace_dir))
+        point.update(op_breakdown(trace_dir, hlo_text), trace_dir=str(trace_dir))
     return point
+
+
+def xla_flops(compiled, hlo_text: str) -> float | None:
+    """FLOPs of one call as XLA counts them (``compiled.cost_analysis()``): what the kernels execute,
+    recomputation (remat) included, where the MFU credits the model's analytic FLOPs only. None when the
+    module has a loop: XLA counts a while body once, whatever its trip count (the LSTM's scan)."""
+    if " while(" in hlo_text:
+        return None
+    return float((compiled.cost_analysis() or {}).get("flops", 0.0)) or None
 
 
 def bare_step_intervals(trainer, steps: int) -> list[float]:
@@ -683,15 +696,19 @@ def _train_markdown(results: dict) -> list[str]:
     dtype = results["compute_dtype"]
     lines = ["", f"## Train step (the Trainer's jitted step, 1 device, {results['grid']['n_layers']} layer(s))", "",
               "MFU = analytic model FLOPs (lmu_jax/flops.py, training = 3 x forward) / step time / the "
-              f"{dtype} matmul ceiling. Median step over >= {results['grid']['min_steps']} steps after a warm-up.", "",
-              "| family | d_model | n | tokens/step | memory impl | params | step ms | tokens/s | MFU | peak MiB |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              f"{dtype} matmul ceiling. Median step over >= {results['grid']['min_steps']} steps after a warm-up. "
+              "XLA / model: the FLOPs XLA's cost analysis counts in the compiled step (recomputation and the "
+              "kernel's own extra work included) over the analytic ones; n/a where the step has a loop, whose "
+              "body XLA counts once.", "",
+              "| family | d_model | n | tokens/step | memory impl | params | step ms | tokens/s | MFU | peak MiB "
+              "| XLA / model FLOPs |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in results["train"]:
         impl = p.get("memory_impl") or "-"
         if "remat" in p:
             impl += f", remat {'on' if p['remat'] else 'off'}"
         lines.append(f"| {p['family']} | {p['d_model']} | {p['seq_len']} | {p.get('tokens_per_step', '?')} | {impl} | "
-                     f"{p.get('params', 0) / 1e6:.2f}M | " + _step_cells(p) + " |")
+                     f"{p.get('params', 0) / 1e6:.2f}M | " + _step_cells(p) +
+                     f" | {_fmt(p.get('xla_over_model_flops'))} |")
     lines += ["", "## Where the time goes (jax.profiler trace of 2 steps, share of all XLA op time)", "",
               "Op time is summed over the threads that run ops side by side, so it can exceed the step time. "
               "Matmuls: the ops that are, or fuse, dot products (FLOPs from the compiled HLO's shapes), their share "

@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 import math
 
+import jax
+import jax.numpy as jnp
 import pytest
 
+from benchmarks.suite import dot_flops_per_instruction, xla_flops
 from lmu_jax.cli import main
 
 
@@ -33,6 +36,7 @@ def test_quick_bench_structure(quick_results):
         assert point["step_s"] > 0 and point["tokens_per_s"] > 0 and point["peak_bytes"] > 0
         assert 0 < point["mfu"] < 1.5
         assert point["flops_per_token"] > 0
+        assert point["xla_over_model_flops"] > 1.0  # remat recomputes the LMU's memory block
     for point in results["loop"]:
         assert point["step_s"] > 0 and 0 < point["loop_over_bare"] < 10
     for family, scaling in results["scaling"].items():
@@ -76,14 +80,18 @@ def test_unknown_section_is_a_user_error(capsys, tmp_path):
 
 def test_dot_flops_are_read_from_the_compiled_module():
     """2 x output elements x contracted size, for a plain dot and for dots inside a fusion and a batch."""
-    import jax
-    import jax.numpy as jnp
-
-    from benchmarks.suite import dot_flops_per_instruction
-
     a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
     flops = dot_flops_per_instruction(jax.jit(lambda a, b: jnp.tanh(a @ b) + 1).lower(a, b).compile().as_text())
     assert sum(flops.values()) == 2 * 64 * 16 * 32
     x, y = jnp.ones((3, 8, 5)), jnp.ones((3, 5, 7))
     flops = dot_flops_per_instruction(jax.jit(jnp.matmul).lower(x, y).compile().as_text())
     assert sum(flops.values()) == 2 * 3 * 8 * 7 * 5
+
+
+def test_xla_flops_counts_straight_line_code_and_refuses_loops():
+    """A while body is counted once by XLA's cost analysis, whatever the trip count: no number then."""
+    x = jnp.ones((64, 64))
+    straight = jax.jit(lambda a: a @ a).lower(x).compile()
+    assert xla_flops(straight, straight.as_text()) == pytest.approx(2 * 64**3, rel=0.05)
+    looped = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, b: b @ a, a)).lower(x).compile()
+    assert xla_flops(looped, looped.as_text()) is None
