@@ -105,13 +105,19 @@ def _best_time(fn, *args, repeats: int) -> float:
     return best
 
 
+def matmul_gflops(rows: int, inner: int, cols: int, dtype, device, repeats: int) -> float:
+    """Best-of-`repeats` GFLOP/s of a (rows x inner) @ (inner x cols) matmul in `dtype` on `device`."""
+    rng = np.random.default_rng(0)
+    x, w = (jax.device_put(jnp.asarray(rng.standard_normal(shape), dtype), device)
+            for shape in ((rows, inner), (inner, cols)))
+    return 2.0 * rows * inner * cols / _best_time(jax.jit(jnp.matmul), x, w, repeats=repeats) / 1e9
+
+
 def measure_ceiling(size: int, copy_mib: int, device) -> dict:
     """Best-of-5 matmul GFLOP/s (float32, bfloat16) and copy GB/s (read + write) on `device`."""
     out = {"matmul_size": size}
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
-        a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((size, size)), dtype), device)
-        seconds = _best_time(jax.jit(jnp.matmul), a, a, repeats=5)
-        out[f"matmul_{name}_gflops"] = 2.0 * size**3 / seconds / 1e9
+        out[f"matmul_{name}_gflops"] = matmul_gflops(size, size, size, dtype, device, repeats=5)
     x = jax.device_put(jnp.ones((copy_mib * 2**20 // 4,), jnp.float32), device)
     seconds = _best_time(jax.jit(lambda v: v + 1.0), x, repeats=5)  # +1 so XLA cannot elide the copy
     out["copy_gb_per_s"] = 2.0 * x.nbytes / seconds / 1e9
@@ -123,14 +129,8 @@ def measure_model_matmuls(rows: int, d_models, dtype: str, device) -> list[dict]
     """Best-of-3 GFLOP/s of the FFN's up-projection, a (rows x d) @ (d x 4d) matmul in the compute
     dtype, at each width: how fast XLA runs a matmul of the models' own shapes here, an upper bound on
     the MFU of a step whose FLOPs are such matmuls (the square ceiling is the denominator of every MFU)."""
-    out = []
-    rng = np.random.default_rng(0)
-    for d in d_models:
-        x = jax.device_put(jnp.asarray(rng.standard_normal((rows, d)), dtype), device)
-        w = jax.device_put(jnp.asarray(rng.standard_normal((d, 4 * d)), dtype), device)
-        seconds = _best_time(jax.jit(jnp.matmul), x, w, repeats=3)
-        out.append({"rows": rows, "d_model": d, "dtype": dtype, "gflops": 2.0 * rows * d * 4 * d / seconds / 1e9})
-    return out
+    return [{"rows": rows, "d_model": d, "dtype": dtype, "gflops": matmul_gflops(rows, d, 4 * d, dtype, device, 3)}
+            for d in d_models]
 
 
 # --- 2. train steps through the Trainer ---------------------------------------------------------------
