@@ -28,15 +28,21 @@ def test_quick_bench_structure(quick_results):
     ceiling = results["ceiling"]
     for key in ("matmul_float32_gflops", "matmul_bfloat16_gflops", "copy_gb_per_s"):
         assert ceiling[key] > 0 and ceiling["start"][key] > 0 and ceiling["end"][key] > 0
-    assert [m["d_model"] for m in ceiling["model_matmuls"]] == [64]  # the quick grid's one width
+    # the quick grid's one width, at a step's and a microbatch's tokens
+    assert [(m["rows"], m["d_model"]) for m in ceiling["model_matmuls"]] == [(1024, 64), (256, 64)]
     assert all(m["gflops"] > 0 and 0 < m["of_ceiling"] < 2 for m in ceiling["model_matmuls"])
     assert {p["family"] for p in results["train"]} == {"lmu"}
+    # the grid's point, then the same step accumulated over 4 microbatches of 256 tokens
+    assert [(p["tokens_per_step"], p["microbatches"]) for p in results["train"]] == [(1024, 1), (1024, 4)]
     for point in results["train"]:
         assert "error" not in point, point
         assert point["step_s"] > 0 and point["tokens_per_s"] > 0 and point["peak_bytes"] > 0
         assert 0 < point["mfu"] < 1.5
         assert point["flops_per_token"] > 0
-        assert point["xla_over_model_flops"] > 1.0  # remat recomputes the LMU's memory block
+        if point["microbatches"] == 1:
+            assert point["xla_over_model_flops"] > 1.0  # remat recomputes the LMU's memory block
+        else:
+            assert point["xla_over_model_flops"] is None  # the accumulation scan: XLA counts its body once
     for point in results["loop"]:
         assert point["step_s"] > 0 and 0 < point["loop_over_bare"] < 10
     for family, scaling in results["scaling"].items():
@@ -59,7 +65,8 @@ def test_quick_bench_structure(quick_results):
     table = (out / "cpu_quick.md").read_text()
     assert "## Ceiling" in table and "## Goals" in table and "## Sequence-length scaling" in table
     assert "| (1024 x 64) @ (64 x 256) float32 |" in table
-    assert "| lmu | 64 | 128 |" in table and "## Where the time goes" in table
+    assert "| lmu | 64 | 128 | 1024 | 1 |" in table and "| lmu | 64 | 128 | 1024 | 4 |" in table
+    assert "## Where the time goes" in table
     profiled = [p for p in results["train"] if "top_ops" in p]
     assert [p["family"] for p in profiled] == ["lmu"]
     assert 0 < profiled[0]["matmul_time_share"] <= 1 and profiled[0]["matmul_gflops"] > 0
