@@ -76,7 +76,9 @@ FULL = {
     "scaling_model": {"d_model": 64, "n_layers": 1}, "fit_from": 1024,
     # the bench's LMUs run order 64; orders 16 and 256 (minutes at n = 16384) stay in lmu_memory.py's own
     # full run (lmu_memory_cpu.md)
-    "lmu_impls_at": {"d_model": 512, "seq_len": 256, "tokens": 1024},
+    # every LMU memory kernel at the LMU's fastest CPU settings: the widest model, accumulated over
+    # microbatches, remat off
+    "lmu_impls_at": {"d_model": 1024, "seq_len": 256, "tokens": 8192},
     "lmu_memory_grid": {"lengths": (256, 1024, 4096), "orders": (64,)},
     "sharding": {"d_model": 128, "n_layers": 2, "seq_len": 256, "batch_size": 16},
     "max_bytes": 1_000_000,
@@ -517,14 +519,16 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
             path.mkdir()
             return path
 
+        def accumulated_microbatches(tokens, seq_len):
+            return tokens // max(grid["microbatch_tokens"], seq_len)
+
         timing = {"min_steps": grid["min_steps"], "budget_s": grid["budget_s"]}
         train = []
         for family in families if "train" in sections else ():
             for tokens in grid["tokens_per_step"]:
                 for d_model in grid["d_models"]:
                     for seq_len in grid["seq_lens"]:
-                        accumulated = tokens // max(grid["microbatch_tokens"], seq_len) \
-                            if family in ACCUMULATED_FAMILIES else 1
+                        accumulated = accumulated_microbatches(tokens, seq_len) if family in ACCUMULATED_FAMILIES else 1
                         for microbatches in (1, accumulated) if accumulated > 1 else (1,):
                             cfg = config(family, d_model, seq_len, tokens, grid["n_layers"], microbatches=microbatches)
                             where = point_dir("train", family, d_model, seq_len, tokens, microbatches)
@@ -539,13 +543,16 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
                                           "memory_impl": "auto" if "lmu" in family else None, **point})
         at = grid["lmu_impls_at"]
         if at and "lmu" in families and "train" in sections:  # every LMU memory kernel inside the real model, for "best impl"
+            microbatches = accumulated_microbatches(at["tokens"], at["seq_len"])
             for impl in MEMORY_IMPLS:  # remat off (the CPU speed setting); auto with remat on is in the grid
                 cfg = config("lmu", at["d_model"], at["seq_len"], at["tokens"], grid["n_layers"],
-                             memory_impl=impl, remat=False)
-                point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} impl={impl} remat=off",
+                             microbatches=microbatches, memory_impl=impl, remat=False)
+                point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} tokens={at['tokens']} "
+                                   f"microbatches={microbatches} impl={impl} remat=off",
                                    time_train_step, cfg, point_dir("impl", impl), [device], **timing)
                 train.append({"family": "lmu", "d_model": at["d_model"], "n_layers": grid["n_layers"],
-                              "seq_len": at["seq_len"], "memory_impl": impl, "remat": False, **point})
+                              "seq_len": at["seq_len"], "microbatches": microbatches, "memory_impl": impl,
+                              "remat": False, **point})
         if "train" in sections:
             results["train"] = train
             seconds["train"] = time.time() - started - sum(seconds.values())
