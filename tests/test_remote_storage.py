@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from http import HTTPStatus
 
 import numpy as np
 import pytest
@@ -34,6 +35,28 @@ emulator = pytest.importorskip("gcp_storage_emulator.server")
 BUCKET = "lmu-test"
 
 
+def _move(request, response, storage_, *args, **kwargs):
+    """GCS's ``objects.move`` (``.../o/SRC/moveTo/o/DEST``), which gcsfs renames with; the emulator
+    lacks it and answers 501, which gcsfs retries for ~30 s per object before it copies and deletes."""
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    bucket, source, dest = (request.params[k] for k in ("bucket_name", "object_id", "dest_object_id"))
+    try:
+        moved = objects._copy(request.base_url, storage_, bucket, source, bucket, dest)
+        storage_.delete_file(bucket, source)
+    except NotFound:
+        response.status = HTTPStatus.NOT_FOUND
+        return
+    response.json(moved)
+
+
+def _with_move_route(handlers):
+    move = (rf"^{emulator.settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
+            r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$", {emulator.POST: _move})
+    return (move, *handlers)  # before the generic object route, which would take it for an object name
+
+
 @pytest.fixture(scope="module")
 def fake_gcs(tmp_path_factory):
     """The emulator in a thread of this process, and the environment that points both clients at it."""
@@ -44,6 +67,7 @@ def fake_gcs(tmp_path_factory):
         port = s.getsockname()[1]
     server = emulator.create_server("127.0.0.1", port, in_memory=False, default_bucket=BUCKET,
                                     data_dir=str(tmp_path_factory.mktemp("gcs")))
+    saved_handlers, emulator.HANDLERS = emulator.HANDLERS, _with_move_route(emulator.HANDLERS)
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
            "GOOGLE_AUTH_TOKEN_FOR_TESTING": "test-token", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
@@ -57,6 +81,7 @@ def fake_gcs(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
+    emulator.HANDLERS = saved_handlers
 
 
 def test_paths_local_remote_and_refused():

@@ -13,8 +13,8 @@ Cache layout (``~`` expanded)::
 The corpus key is the corpus name plus a hash of the settings that decide its text
 (``corpora.corpus_identity``); the tokenizer key is ``byte`` or ``sentencepiece-<type>-<V>``. ``meta.json``
 records the format version, the corpus content hash, the tokenizer fingerprint and token/byte counts;
-it is written last, inside a temporary directory that is renamed into place, so a killed ``prepare``
-never leaves a cache that looks complete. A cache whose tokenizer fingerprint differs from the
+it is written last (inside a temporary directory that is renamed into place; on an object store in
+place), so a killed ``prepare`` never leaves a cache that looks complete. A cache whose tokenizer fingerprint differs from the
 tokenizer this run would use is refused.
 
 Where the cache lives: on a pod every host has its own disk, so every process calls ``prepare``; the
@@ -236,12 +236,15 @@ def _open(path: epath.Path, cfg: DataConfig, tokenizer) -> TokenCache:
 
 
 def _write_cache(path: epath.Path, cfg: DataConfig, texts: dict[str, bytes], tokenizer) -> None:
-    """Tokenize every split into a temporary sibling directory, then rename it into place."""
+    """Tokenize every split, ``meta.json`` last: locally into a temporary sibling directory renamed
+    into place; on an object store in place (a directory rename there copies every object, and
+    ``meta.json`` is the commit mark either way)."""
     for stale in path.parent.glob(f"{path.name}.tmp-*"):  # left by a killed prepare
         stale.rmtree()
     if path.exists():  # a directory without meta.json is not a cache
         path.rmtree()
-    partial = path.parent / f"{path.name}.tmp-{os.getpid()}"
+    in_place = storage.is_remote(path)
+    partial = path if in_place else path.parent / f"{path.name}.tmp-{os.getpid()}"
     partial.mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
     splits = {}
@@ -270,7 +273,8 @@ def _write_cache(path: epath.Path, cfg: DataConfig, texts: dict[str, bytes], tok
         "splits": splits,
     }
     (partial / META).write_text(json.dumps(meta, indent=1))
-    partial.rename(path)
+    if not in_place:
+        partial.rename(path)
 
 
 # ---------------------------------------------------------------------------------------------
