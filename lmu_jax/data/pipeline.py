@@ -14,8 +14,8 @@ The corpus key is the corpus name plus a hash of the settings that decide its te
 (``corpora.corpus_identity``); the tokenizer key is ``byte`` or ``sentencepiece-<type>-<V>``. ``meta.json``
 records the format version, the corpus content hash, the tokenizer fingerprint and token/byte counts;
 it is written last (inside a temporary directory that is renamed into place; on an object store in
-place), so a killed ``prepare`` never leaves a cache that looks complete. A cache whose tokenizer fingerprint differs from the
-tokenizer this run would use is refused.
+place), so a killed ``prepare`` never leaves a cache that looks complete. A cache whose tokenizer
+fingerprint differs from the tokenizer this run would use is refused.
 
 Where the cache lives: on a pod every host has its own disk, so every process calls ``prepare``; the
 processes of one host take turns (a ``flock`` on ``<corpus-key>/.prepare.lock``), so the first makes
