@@ -69,12 +69,12 @@ def _download_with_generation(download):
     return handler
 
 
-def _patched_routes(handlers, download):
+def _patched_routes(handlers, old_download, new_download):
     """The emulator's routes with objects.move added (first: the generic object route would take it for
-    an object's name) and ``download`` in place of the emulator's own."""
+    an object's name) and ``new_download`` wherever ``old_download`` was."""
     move = (rf"^{emulator.settings.API_ENDPOINT}/b/(?P<bucket_name>[-.\w]+)/o/(?P<object_id>.*[^/]+)"
             r"/moveTo/o/(?P<dest_object_id>.*[^/]+)$", {emulator.POST: _move})
-    return (move, *[(pattern, {method: download if fn is objects.download else fn for method, fn in methods.items()})
+    return (move, *[(pattern, {method: new_download if fn is old_download else fn for method, fn in methods.items()})
                     for pattern, methods in handlers])
 
 
@@ -88,9 +88,9 @@ def fake_gcs(tmp_path_factory):
         port = s.getsockname()[1]
     server = emulator.create_server("127.0.0.1", port, in_memory=False, default_bucket=BUCKET,
                                     data_dir=str(tmp_path_factory.mktemp("gcs")))
-    saved = emulator.HANDLERS, objects.download
-    download = _download_with_generation(objects.download)
-    emulator.HANDLERS = _patched_routes(emulator.HANDLERS, download)
+    saved = saved_routes, saved_download = emulator.HANDLERS, objects.download
+    download = _download_with_generation(saved_download)
+    emulator.HANDLERS = _patched_routes(saved_routes, saved_download, download)
     objects.download = download  # objects.get (``?alt=media``) calls it by this name
     server.start()
     env = {"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}", "TENSORSTORE_GCS_HTTP_URL": f"http://127.0.0.1:{port}",
@@ -116,8 +116,9 @@ def test_fake_gcs_reads_give_generations_tensorstore_can_write_against(fake_gcs)
     written = kv.write("manifest", b"one").result()
     read = kv.read("manifest").result()
     assert read.value == b"one" and read.stamp.generation == written.generation != b"\0" * 9
-    kv.write("manifest", b"two", if_equal=read.stamp.generation).result()  # "Malformed StorageGeneration"
-    assert kv.read("manifest").result().value == b"two"  # when the read carried no generation
+    # a read without a generation made this write fail with "Malformed StorageGeneration"
+    kv.write("manifest", b"two", if_equal=read.stamp.generation).result()
+    assert kv.read("manifest").result().value == b"two"
 
 
 def test_paths_local_remote_and_refused():
