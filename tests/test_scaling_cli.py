@@ -3,6 +3,8 @@
 import csv
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -10,7 +12,7 @@ from lmu_jax import cli
 from lmu_jax.errors import EXIT_USER_ERROR
 from lmu_jax.scaling.laws import ChinchillaLaw
 
-CHINCHILLA_CSV = "/work/shared/data/chinchilla_epoch_fig4.csv"
+CHINCHILLA_CSV = str(Path(__file__).parent / "data" / "chinchilla_epoch_fig4.csv")
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,8 @@ Cost: one full 4500-start grid fit (the 240-run golden, ~17 s of CPU), shared by
 point fit; everything else uses screened grids (``max_starts``) or starts from that point fit.
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -17,7 +19,7 @@ from lmu_jax.scaling.commands import read_table
 from lmu_jax.scaling.fit import HuberLogProblem, _openblas_thread_setters, minimize_from_starts, single_threaded_blas
 from lmu_jax.scaling.laws import ChinchillaLaw, PowerLaw
 
-CHINCHILLA_CSV = "/work/shared/data/chinchilla_epoch_fig4.csv"
+CHINCHILLA_CSV = str(Path(__file__).parent / "data" / "chinchilla_epoch_fig4.csv")
 
 
 @pytest.fixture(scope="module")
