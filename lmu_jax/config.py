@@ -119,6 +119,9 @@ class TrainConfig:
     profile_steps: int = 0  # >0: write a jax.profiler trace of this many steps after warmup
     init_from: str = ""  # a run directory or one of its checkpoints (<run>/checkpoints/<step>): start from its
     #                      parameters, with a fresh optimizer and step 0 (training by phases); "" = fresh init
+    branch_from: str = ""  # <run>/checkpoints/<step> of a wsd run: continue it WITH its optimizer state and step,
+    #                        to this run's own (shorter) horizon: a cooldown branch. Relative paths are taken
+    #                        from this run directory's parent (a sweep's sibling runs); "" = off
 
     def validate(self) -> None:
         _positive(self, "steps", "batch_size", "microbatches")
@@ -131,6 +134,8 @@ class TrainConfig:
             raise bad_value("train.nonfinite", self.nonfinite, "stop or skip")
         if self.profile_steps < 0:
             raise bad_value("train.profile_steps", self.profile_steps, "an int >= 0")
+        if self.branch_from and self.init_from:
+            raise bad_value("train.branch_from", self.branch_from, "empty when train.init_from is set (one source)")
 
 
 @dataclass(frozen=True)
@@ -175,6 +180,7 @@ class CheckpointConfig:
     every: int = 100  # steps between checkpoints (0 = only at the end and on SIGTERM)
     keep: int = 3  # keep the last N checkpoints
     keep_every: int = 0  # additionally keep every K-th step forever (0 = off)
+    at: tuple[int, ...] = ()  # also checkpoint at these steps and keep them (cooldown branch points)
     async_save: bool = True  # write in the background while training goes on
 
     def validate(self) -> None:
@@ -182,6 +188,8 @@ class CheckpointConfig:
             if getattr(self, key) < 0:
                 raise bad_value(f"checkpoint.{key}", getattr(self, key), "an int >= 0 (0 = off)")
         _positive(self, "keep")
+        if any(step < 1 for step in self.at):
+            raise bad_value("checkpoint.at", list(self.at), "a list of steps >= 1")
 
 
 @dataclass(frozen=True)

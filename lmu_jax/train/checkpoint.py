@@ -140,7 +140,7 @@ class Checkpointer:
     def __init__(self, directory, ckpt_cfg, read_only: bool = False):
         """``read_only``: another run's checkpoints (``train.init_from``), restored but never changed."""
         self.directory = storage.absolute(storage.path(directory, "checkpoint directory"))
-        self.keep, self.keep_every = ckpt_cfg.keep, ckpt_cfg.keep_every
+        self.keep, self.keep_every, self.keep_at = ckpt_cfg.keep, ckpt_cfg.keep_every, set(ckpt_cfg.at)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours (module docstring): orbax deletes nothing
             enable_async_checkpointing=ckpt_cfg.async_save,
@@ -255,8 +255,8 @@ class Checkpointer:
                               "fix the storage (free space?) and run the same command again to resume")
 
     def _accept(self, step: int) -> None:
-        """``step`` verified: prune to the ``keep`` newest up to the newest verified (+ every keep_every);
-        one that failed its read-back does not count towards ``keep``."""
+        """``step`` verified: prune to the ``keep`` newest up to the newest verified (+ every keep_every and
+        the ``at`` steps); one that failed its read-back does not count towards ``keep``."""
         self.verified.add(step)
         self.unverified.discard(step)
         newest = self.last_good
@@ -265,6 +265,7 @@ class Checkpointer:
         keep = set(settled[-self.keep:]) | {s for s in steps if s > newest}
         if self.keep_every:
             keep |= {s for s in steps if s % self.keep_every == 0}
+        keep |= self.keep_at & set(steps)
         for s in steps:
             if s not in keep:
                 self.manager.delete(s)

@@ -7,7 +7,8 @@ Carried state (Transformer-XL memory, QRNN cells): a family declares it (``Famil
 on ``data.order=streams`` then keeps it in the train state as ``"carry"`` (sharded like the batch,
 checkpointed, so a resume is bitwise the uninterrupted run), feeds it to every step and resets the rows
 where a stream starts. The trainer names no family. ``train.init_from`` starts a run from another run's
-parameters (training by phases, e.g. SCH-TXL phase 2 after phase 1).
+parameters (training by phases, e.g. SCH-TXL phase 2 after phase 1); ``train.branch_from`` continues a
+wsd run's checkpoint with its optimizer state and step to a shorter horizon (a cooldown branch).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_p
                               param_shardings, replicated)
 from lmu_jax.train.checkpoint import Checkpointer, abstract_like
 from lmu_jax.train.evaluate import Evaluator
-from lmu_jax.train.optim import make_optimizer, make_schedule
+from lmu_jax.train.optim import cooldown_start, make_optimizer, make_schedule
 from lmu_jax.train.rundir import RunDir
 from lmu_jax.train.step import train_step
 
@@ -134,6 +135,8 @@ class Trainer:
     def fresh_state(self):
         """The state at step 0: initialised, or with ``train.init_from``'s parameters (training by phases;
         the optimizer, step and carried state stay fresh). The source is checked before anything compiles."""
+        if self.cfg.train.branch_from:
+            return self.branch_state()
         source = self.cfg.train.init_from
         if not source:
             return self.init_state()
@@ -158,6 +161,41 @@ class Trainer:
         if distributed.is_main_process():
             print(f"starting from the parameters of {run_dir} at step {meta['step']} (train.init_from)")
         return dict(state, params=jax.device_put(restored["params"], self.state_shardings["params"]))
+
+    def branch_state(self):
+        """``train.branch_from``'s checkpoint as this run's state, optimizer state and step included: a
+        cooldown branch. Its parent must be this run with a longer horizon (same model, data, optimizer,
+        seed and batch; schedule wsd) and the checkpoint must lie in the stable phase of both, where the
+        two schedules agree; the branch then cools down to its own horizon."""
+        cfg, source = self.cfg, self.cfg.train.branch_from
+        relative = not storage.is_remote(source) and not os.path.isabs(source)
+        run_dir, step = _checkpoint_source(str(self.run.path.parent / source) if relative else source,
+                                           "train.branch_from")
+        if step is None:
+            raise bad_value("train.branch_from", source, "one checkpoint of a run, <run>/checkpoints/<step>")
+        if cfg.optim.schedule != "wsd":
+            raise bad_value("optim.schedule", cfg.optim.schedule, "wsd for a cooldown branch (train.branch_from)")
+        parent = config_from_dict(read_yaml(run_dir / "config.yaml"))
+        defining = lambda c: (c.model, c.data, c.optim, c.train.seed, c.train.batch_size,  # noqa: E731
+                              c.train.microbatches)
+        if defining(parent) != defining(cfg):
+            raise bad_value("train.branch_from", source, "a checkpoint of a run with this run's model, data, "
+                            "optimizer, seed and batch (only train.steps may differ)")
+        last_stable = min(cooldown_start(cfg.optim, cfg.train.steps), cooldown_start(parent.optim, parent.train.steps))
+        if not cfg.optim.warmup_steps <= step <= last_stable:
+            raise bad_value("train.branch_from", source, f"a checkpoint between the warmup ({cfg.optim.warmup_steps} "
+                            f"steps) and the start of this run's and its parent's cooldown (step {last_stable})")
+        ckpt = Checkpointer(run_dir / "checkpoints", parent.checkpoint, read_only=True)
+        try:
+            state, meta = ckpt.restore(step, self.abstract_state)
+        finally:
+            ckpt.close()
+        if meta.get("data_fingerprint") != self.cache.fingerprint:
+            raise bad_value("train.branch_from", source, f"a run trained on this run's data {self.cache.fingerprint}")
+        if distributed.is_main_process():
+            print(f"branching from {run_dir} at step {step} with its optimizer state; cooling down to step "
+                  f"{cfg.train.steps} (train.branch_from)")
+        return state
 
     def meta(self) -> dict:
         return {"run_id": run_id(self.cfg), "data_fingerprint": self.cache.fingerprint,
@@ -294,7 +332,8 @@ class Trainer:
                 pending = None
                 writer.write({"kind": "eval", "step": step, **_summary(self.evaluate(state["params"]))})
             stop = preemption(step)
-            checkpoint_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last
+            checkpoint_now = (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or is_last \
+                or step in cfg.checkpoint.at
             if checkpoint_now or stop:
                 if pending is not None:  # never checkpoint a state whose loss we have not checked
                     flush(pending)
@@ -438,15 +477,15 @@ class StateLayout:
         self.init_state = init_state
 
 
-def _checkpoint_source(source: str) -> tuple[epath.Path, int | None]:
-    """``train.init_from`` -> (run directory, checkpoint step or None for its newest good one)."""
-    path = storage.path(source, "train.init_from")
+def _checkpoint_source(source: str, field: str = "train.init_from") -> tuple[epath.Path, int | None]:
+    """``train.init_from`` (or ``field``) -> (run directory, checkpoint step or None for its newest good one)."""
+    path = storage.path(source, field)
     if (path / "checkpoints").is_dir() and (path / "config.yaml").is_file():
         return path, None
     if path.name.isdigit() and path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file() \
             and path.is_dir():
         return path.parent.parent, int(path.name)
-    raise bad_value("train.init_from", source, "a run directory (config.yaml, checkpoints/) or one of its "
+    raise bad_value(field, source, "a run directory (config.yaml, checkpoints/) or one of its "
                     "checkpoints, <run>/checkpoints/<step>")
 
 

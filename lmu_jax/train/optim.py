@@ -2,7 +2,8 @@
 
 Schedules (all reach their end exactly at ``steps``, so every run's final loss is a valid (N, D) point):
 - ``cosine``: linear warmup, then cosine from the peak to ``min_lr_ratio`` × peak at the horizon;
-- ``wsd``: warmup, stable at the peak, then a linear cooldown over the last ``decay_fraction`` of steps;
+- ``wsd``: warmup, stable at the peak, then a linear cooldown over the last ``decay_fraction`` of steps
+  (``cooldown_start``);
 - ``constant``: warmup, then the peak.
 Warmup starts above zero: step 0 uses lr · 1/(warmup+1), never 0.
 """
@@ -27,8 +28,8 @@ def make_schedule(optim_cfg, steps: int) -> optax.Schedule:
             progress = jnp.clip(after / span, 0.0, 1.0)
             main = floor + 0.5 * (peak - floor) * (1 + jnp.cos(jnp.pi * progress))
         elif optim_cfg.schedule == "wsd":
-            cooldown = max(int(round(optim_cfg.decay_fraction * steps)), 1)
-            start = steps - cooldown
+            start = cooldown_start(optim_cfg, steps)
+            cooldown = steps - start
             frac = jnp.clip((step - start + 1) / cooldown, 0.0, 1.0)
             main = peak - (peak - floor) * frac
         else:
@@ -36,6 +37,13 @@ def make_schedule(optim_cfg, steps: int) -> optax.Schedule:
         return jnp.where(step < warmup, warm, main)
 
     return schedule
+
+
+def cooldown_start(optim_cfg, steps: int) -> int:
+    """The wsd schedule's first step below the peak: the last ``decay_fraction`` of ``steps`` (at least
+    one step) cool down. Before it the schedule does not depend on ``steps``, which is what lets a
+    cooldown branch continue a longer run's stable phase (``train.branch_from``)."""
+    return steps - max(int(round(optim_cfg.decay_fraction * steps)), 1)
 
 
 def _decay_mask(params):
