@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -314,7 +315,7 @@ def build_section(cls, values: dict, path: str):
     if not isinstance(values, dict):
         raise bad_value(path, values, "a mapping of keys to values")
     hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = _field_names(cls)
     kwargs = {}
     for key, value in values.items():
         if key not in known:
@@ -329,6 +330,23 @@ def _model_config_class(family: str):
     if family not in FAMILIES:
         raise bad_value("model.family", family, f"one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[family].config_cls
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def _check_model_keys(family: str, cls, values: dict) -> None:
+    """A model key of another family names the families that have it (a misspelled key gets the
+    generic message of ``build_section``)."""
+    from lmu_jax.models import FAMILIES
+
+    for key in values:
+        owners = sorted(name for name, f in FAMILIES.items() if key in _field_names(f.config_cls))
+        if key not in _field_names(cls) and owners:
+            raise UserError(f"model.{key} is not a key of model.family={family} (it is one of {', '.join(owners)}); "
+                            f"remove it or choose one of those families; {family} has: "
+                            f"{', '.join(sorted(_field_names(cls)))}")
 
 
 def config_from_dict(raw: dict) -> RunConfig:
@@ -348,6 +366,7 @@ def config_from_dict(raw: dict) -> RunConfig:
             if not isinstance(family, str):
                 raise bad_value("model.family", family, "a family name (lmu-jax flops --list)")
             cls = _model_config_class(family)
+            _check_model_keys(family, cls, values)
         else:
             cls = typing.get_type_hints(RunConfig)[name]
         kwargs[name] = build_section(cls, values, name)
@@ -399,7 +418,38 @@ def read_yaml(path: str | Path) -> dict:
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
     raw = read_yaml(path) if path else {}
-    return config_from_dict(merge_overrides(raw, list(overrides)))
+    overrides = list(overrides)
+    raw, notice = switch_family(raw, overrides, str(path))
+    cfg = config_from_dict(merge_overrides(raw, overrides))
+    if notice:  # only for a config that loads: an error stays the one line
+        print(notice, file=sys.stderr)
+    return cfg
+
+
+def switch_family(raw: dict, overrides: list[str], source: str) -> tuple[dict, str]:
+    """A config file written for one family, switched to another by an override (``model.family=lstm``
+    on ``default.yaml``): the file's model keys that its own family has and the new one lacks are
+    dropped; returns the file's dict without them and a notice line naming them ("" if none). Everything
+    else stays strict: a key the file's own family does not know either (a typo) and an unknown key
+    given as an override are still errors."""
+    family = None
+    for text in overrides:
+        (section, key), value = parse_override(text)
+        if (section, key) == ("model", "family"):
+            family = value
+    model = raw.get("model")
+    if not isinstance(family, str) or not isinstance(model, dict):
+        return raw, ""
+    own = model.get("family", ModelConfig.family)
+    if family == own or not isinstance(own, str):
+        return raw, ""
+    new_keys, own_keys = _field_names(_model_config_class(family)), _field_names(_model_config_class(own))
+    dropped = [key for key in model if key not in new_keys and key in own_keys]
+    if not dropped:
+        return raw, ""
+    notice = (f"notice: model.family={family} has no {', '.join(f'model.{k}' for k in dropped)}: "
+              f"ignoring these {own} keys of {source}")
+    return dict(raw, model={k: v for k, v in model.items() if k not in dropped}), notice
 
 
 def dump_config(cfg: RunConfig) -> str:
