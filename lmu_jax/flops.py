@@ -1,6 +1,6 @@
 """FLOP and parameter accounting: one convention for every family.
 
-Convention (specs/scaling_and_frameworks.md §1):
+Convention (docs/flops.md says why and how the tests check it):
 - ``forward_flops_per_token`` (per family, in its model file) counts matmuls as 2·m·k per token, the
   unembedding included, the embedding gather excluded; causal attention counts half of the full QKᵀ
   and AV; family-specific ops (LMU memory convolutions, scans) are counted by their own formulas.

@@ -38,7 +38,7 @@ VOCAB = 256
 
 
 def test_table2_worked_example_exactly():
-    """specs/lmu.md §8: d = 204, q = 250, q' = 25, n = 1024, d' = 4d, per token per layer."""
+    """docs/flops.md's worked example: d = 204, q = 250, q' = 25, n = 1024, d' = 4d, per token per layer."""
     terms = table2_flops(d=204, q=250, q_reduced=25, seq_len=1024, d_ff=4 * 204)
     assert terms == {"lmu_qkv": 1_004_460, "scores": 255_000, "mix": 260_100, "readout": 10_200, "ffn": 1_331_712}
 
@@ -145,7 +145,7 @@ def test_solver_keeps_the_base_configs_fixed_keys():
 
 
 def test_paper_width_rule():
-    """d = sqrt(N/24): d ≈ 48 at 55 k and d ≈ 204 at 1 M (specs/lmu.md §9)."""
+    """d = sqrt(N/24): d ≈ 48 at 55 k and d ≈ 204 at 1 M (docs/lmu.md, the paper's experiment)."""
     assert paper_width(55_000) == 48 and paper_width(1_000_000) == 204
     assert solve("lmu_attn", 1_000_000, rule="paper").d_model == 204
 

@@ -1,6 +1,6 @@
 """The LMU language model of Chilkuri et al. 2021 (arXiv 2110.02402): families ``lmu`` and ``lmu_attn``.
 
-One block (specs/lmu.md §3 "Project block"; the paper leaves norms and residuals open), pre-norm:
+One block (docs/lmu.md, "The block and the model"; the paper leaves norms and residuals open), pre-norm:
 
     x += FFN(norm(x))                      ``lmu``;  ``lmu_attn``: causal global self-attention
     x += ImplicitAttention(norm(x))        Legendre memory M of every channel (q coefficients each),
@@ -9,7 +9,7 @@ One block (specs/lmu.md §3 "Project block"; the paper leaves norms and residual
     x += FFN(norm(x))
 
 The memory is the frozen LTI system m_t = Ā m_{t-1} + B̄ x_t (lmu_jax.ops) run on every channel.
-Training uses the folded form (spec §4): the three L_i (q' x q) are stacked into one (3q' x q)
+Training uses the folded form (docs/lmu.md): the three L_i (q' x q) are stacked into one (3q' x q)
 reduction and convolved into the kernel, so the (batch, time, channels, q) memory never exists.
 The memory path computes in float32 whatever the compute dtype (XLA's FFT rejects bf16).
 
@@ -308,7 +308,7 @@ def generate_step(cfg: LMUConfig, params, state: dict, token):
 def table2_flops(d: int, q: int, q_reduced: int, seq_len: int, d_ff: int) -> dict[str, float]:
     """The paper's Table 2, one layer, forward FLOPs per token, term by term, exactly as printed.
 
-    ``lmu_qkv`` is the folded FFT memory (spec §4): 3 reductions x (q'+1) real transforms of length 2n
+    ``lmu_qkv`` is the folded FFT memory (docs/flops.md): 3 reductions x (q'+1) real transforms of length 2n
     at 5(log2 n + 1) per token, a 6-flop complex multiply per output, plus 6qq' to form the L_i H.
     ``ffn`` = 8dd' is what the block's *two* FFNs cost at 2 FLOPs per multiply-add (4dd' each); the
     table's parameter entry 2dd' is per FFN.

@@ -1,7 +1,7 @@
 """Multi-scale transformer language models (Subramanian et al. 2020, arXiv 2005.00581): family ``multiscale``.
 
-Only the paper's abstract is verified; this is the parameterised reconstruction of
-specs/architectures.md §5.3, leak-free by construction. Blocks are the project's pre-norm transformer
+Only the paper's abstract is verified; this is the parameterised reconstruction described in
+docs/architectures.md, leak-free by construction. Blocks are the project's pre-norm transformer
 blocks (rotary positions at each block's own scale, GELU MLP). Three topologies:
 
 - ``bottom_up`` and ``top_down``: an hourglass. ``scale_layers = (n_0, n_1, ..., n_S, ..., n_1', n_0')`` runs
@@ -288,9 +288,10 @@ def forward_flops_per_token(cfg: MultiscaleConfig, seq_len: int) -> float:
 
 
 def memory_footprint(cfg: MultiscaleConfig, batch: int, seq_len: int) -> dict:
-    """Spec §5.3.5's activation-memory model, in elements: attention maps Σ_layers B·heads·n·min(w, n) at
-    each layer's length n and span w (retina: all keys it attends densely), and residual-stream
-    activations Σ_layers B·n·d. A model to compare topologies, not a measurement."""
+    """The activation-memory model of docs/architectures.md, in elements: attention maps
+    Σ_layers B·heads·n·min(w, n) at each layer's length n and span w (retina: all keys it attends
+    densely), and residual-stream activations Σ_layers B·n·d. A model to compare topologies, not a
+    measurement."""
     heads, d = cfg.n_heads, cfg.d_model
     if cfg.topology == "retina":
         keys = retina_mask(seq_len, tuple(cfg.retina_spans), cfg.pool_factor).shape[1]

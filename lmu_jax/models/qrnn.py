@@ -1,5 +1,5 @@
 """QRNN (Bradbury et al. 2016) and hybrid RNN-transformer stacks: family ``qrnn_hybrid``
-(specs/architectures.md §3-§4).
+(docs/architectures.md).
 
 A model is a layer pattern over three sublayer types, each with a residual connection and a
 LayerNorm (post-LN by default, as Transformer-XL; ``pre_lnorm`` moves it in front):
@@ -11,7 +11,7 @@ LayerNorm (post-LN by default, as Transformer-XL; ``pre_lnorm`` moves it in fron
 Pattern language: symbols A, F, Q; ``Qk`` gives one Q block window k (else ``qrnn_window``);
 ``(...)`` groups; ``*n`` repeats the item before it; spaces are ignored. The stack is the pattern
 repeated ``n_layers`` times: Transformer-XL-12 is ``pattern=AF, n_layers=12``; ``Q2Q*3`` is AWD-QRNN's
-4 layers (window 2 first). The paper's Attn-QRNN, PAR and Hybrid patterns are [PDF-CHECK] (spec §4.3);
+4 layers (window 2 first). The paper's Attn-QRNN, PAR and Hybrid patterns are [PDF-CHECK] (docs/architectures.md);
 experiments/configs/ carries our reconstructions, marked as such.
 
 QRNN, in the paper's gate convention (the PyTorch code uses f ↦ 1 − f):
@@ -20,7 +20,7 @@ QRNN, in the paper's gate convention (the PyTorch code uses f ↦ 1 − f):
     c_t = f_t ⊙ c_{t-1} + (1 − f_t) ⊙ z_t,   h_t = o_t ⊙ c_t    (zoneout: 1 − f_t dropped to 0 in training)
 
 The pooling is the diagonal linear recurrence c_t = a_t c_{t-1} + b_t (a = f, b = (1 − f) z), run by
-``jax.lax.associative_scan`` (``qrnn_scan=sequential``: ``lax.scan``, faster on CPU per spec §8.7). A carried
+``jax.lax.associative_scan`` (``qrnn_scan=sequential``: ``lax.scan``, faster on CPU). A carried
 cell c_0 is folded into the first element, b_0 ← a_0 c_0 + b_0.
 
 Carried state, as Transformer-XL (see its module docstring): ``apply(vars, tokens, state, ...)`` returns

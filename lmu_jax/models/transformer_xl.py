@@ -1,5 +1,5 @@
 """Transformer-XL (Dai et al. 2019) and Skip Cross-head Transformer-XL (Vishnu & Sekhar 2023):
-families ``transformer_xl`` and ``sch_txl`` (specs/architectures.md §1-§2).
+families ``transformer_xl`` and ``sch_txl`` (docs/architectures.md).
 
 One layer, post-LN as in the reference code (``pre_lnorm`` moves the norms in front):
 
@@ -42,7 +42,7 @@ distances grow by age·L; and the cross-head regulariser -- per layer and step, 
 ``skip_prob_scale=0``. With both off it runs exactly the Transformer-XL code path.
 
 Where the official SCH-TXL code (vishwajit-vishnu/Memory-efficient-Stochastic-methods-for-Memory-based-
-Transformers, models.py) differs from this, we follow the spec (SCH-TXL = our Transformer-XL + the two
+Transformers, models.py) differs from this, the definition here wins (our Transformer-XL + the two
 mechanisms): its attention has no rel_shift (the positional term depends on the key's distance from the
 segment's end, not from the query); its per-layer counter ``mem_block_position += 1`` makes a memory's age
 1 + (skips so far) rather than the segments since it was written (``skip_age=cumulative`` reproduces
@@ -493,7 +493,7 @@ class SkipCrossHeadConfig(TransformerXLConfig):
     family: str = "sch_txl"
     skip_prob_scale: float = 0.5  # phase 1: layer l is skipped w.p. scale·l/L, the last never; 0 = phase 2
     ch_prob: float = 0.1  # cross-head regulariser: per layer and step, probability of permuting K, V, R heads
-    skip_age: str = "segment"  # segment: age = segments since the memory was written (spec §2.2a) | cumulative:
+    skip_age: str = "segment"  # segment: age = segments since the memory was written | cumulative:
     #                            the official code's counter, which grows by each skip and never goes back
 
     def skip_probabilities(self) -> tuple[float, ...]:
@@ -537,7 +537,7 @@ def adaptive_io_flops(cfg: TransformerXLConfig) -> float:
 
 
 def attention_flops_per_token(cfg: TransformerXLConfig, seq_len: int, mem_len: int) -> float:
-    """One attention sublayer (spec §1.6 with d_attn = n_head·d_head): Q and O on the segment, K and V
+    """One attention sublayer (docs/flops.md, d_attn = n_head·d_head): Q and O on the segment, K and V
     on memory + segment, AC + BD + AV over all klen keys (the full map is computed, then masked)."""
     d, d_attn, klen = cfg.d_model, cfg.attn_width, seq_len + mem_len
     projections = 2 * dense_flops(d, d_attn) + 2 * dense_flops(d, d_attn) * klen / seq_len

@@ -1,7 +1,7 @@
 """`lmu-jax report SWEEP_DIR`: fits, the comparisons the papers make, figures, report.md + report.html.
 
 What it fits (every fit uses final validation losses of horizon-matched runs only, the valid (N, D)
-points of specs/scaling_and_frameworks.md §2.5, and the report lists the runs each fit used):
+points of docs/scaling.md, and the report lists the runs each fit used):
 
 - L(N) per family and *token* budget (every run sees the same D, the LMU paper's setting):
   ``fit_power_law(N, loss)``, E fitted with >= 4 sizes, else Kaplan's pure form (E = 0) with 3. The

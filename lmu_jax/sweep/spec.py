@@ -28,7 +28,7 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
 A FLOP budget C gives each run ``steps = round(C / (flops_per_token * batch * seq_len))``, so the runs'
 training FLOPs match up to the rounding of steps (within 0.5 / steps). The learning-rate schedule's
 horizon is the run's own ``train.steps`` (cosine decays to it; WSD cools down at its end), so every
-final loss is a valid (N, D) point (specs/scaling_and_frameworks.md §2.5); a ``constant`` schedule is
+final loss is a valid (N, D) point (docs/scaling.md); a ``constant`` schedule is
 refused for that reason. Run ids are ``lmu_jax.config.run_id`` of the resolved config.
 """
 

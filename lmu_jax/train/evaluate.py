@@ -6,7 +6,7 @@ from an empty state: mean loss, bits per token and byte, loss at each position (
 same windows every time, so evaluations during training are comparable).
 
 ``split``: every target of ``eval.split`` (or of its first ``eval.max_tokens``) scored exactly once, by one
-of two protocols (specs/architectures.md §6.4), chosen by how the run trained:
+of two protocols (docs/architectures.md, evaluation protocols), chosen by how the run trained:
 
 - ``memory``: a run that carries its family's state (Transformer-XL, SCH-TXL, QRNN hybrids on
   ``data.order=streams``) reads the split as ``eval.streams`` contiguous streams in parallel, each from an

@@ -1,7 +1,7 @@
 """The Trainer: one training loop for every family, through the model interface only.
 
 config -> mesh -> data cache -> model + shardings -> resume or init -> jitted sharded steps ->
-delayed metrics -> checkpoints -> eval -> DONE. See DESIGN.md "Data flow of a run".
+delayed metrics -> checkpoints -> eval -> DONE. See docs/architecture.md, "The data flow of a run".
 
 Carried state (Transformer-XL memory, QRNN cells): a family declares it (``Family.initial_state``); a run
 on ``data.order=streams`` then keeps it in the train state as ``"carry"`` (sharded like the batch,
