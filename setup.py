@@ -26,6 +26,9 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9", "array-record"],
         "gcs": ["gcsfs"],  # gs:// paths through etils.epath (orbax/tensorstore need nothing more)
         "tb": ["tensorboardX"],
+        # `lmu-jax bench --peers`: PyPI's Linux torch wheel pulls its CUDA libraries too (~2.9 GB of wheels,
+        # ~5 GB installed, ~2 min here); it imports and runs on CPU only with them (libtorch links them)
+        "peers": ["torch"],
         "dev": ["pytest", "pytest-xdist", "hypothesis", "tensorboardX", "gcsfs", "gcp-storage-emulator"],  # a fake GCS for tests
     },
     entry_points={"console_scripts": ["lmu-jax=lmu_jax.cli:main"]},

@@ -48,7 +48,8 @@ from benchmarks import write_json_and_markdown
 from lmu_jax.ops import MEMORY_IMPLS
 
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
-SECTIONS = ("train", "loop", "scaling", "sharding", "lmu_memory")  # the ceiling always runs
+SECTIONS = ("train", "loop", "scaling", "sharding", "lmu_memory")  # the whole run; the ceiling always runs
+OPTIONAL_SECTIONS = ("peers",)  # PyTorch peers (benchmarks/peers.py): only when asked for (`--peers`)
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 
 # The grids. Train sizes: d_model per family at n_layers layers, at each number of tokens per step (the
@@ -82,6 +83,9 @@ FULL = {
     "lmu_memory_grid": {"lengths": (256, 1024, 4096), "orders": (64,)},
     "sharding": {"d_model": 128, "n_layers": 2, "seq_len": 256, "batch_size": 16},
     "max_bytes": 1_000_000,
+    # the PyTorch peers at issue 17's shapes: batch 16 x 256 tokens, our default settings otherwise
+    "peers": {"d_models": (256, 512, 1024), "n_layers": {"transformer": 4, "lstm": 2}, "seq_len": 256,
+              "batch_size": 16, "rounds": 3, "compile": False},
 }
 QUICK = {
     "ceiling_size": 1024, "copy_mib": 64,
@@ -94,6 +98,8 @@ QUICK = {
     "lmu_impls_at": None, "lmu_memory_grid": {"lengths": (256,), "orders": (16,)},
     "sharding": {"d_model": 64, "n_layers": 1, "seq_len": 64, "batch_size": 8},
     "max_bytes": 300_000,
+    "peers": {"d_models": (64,), "n_layers": {"transformer": 1, "lstm": 1}, "seq_len": 64, "batch_size": 4,
+              "rounds": 2, "compile": False},
 }
 # A scaling point whose compiled step would need more than this fraction of the host's memory is not
 # run (XLA:CPU materialises the transformer's n x n attention scores): recorded as skipped, with the
@@ -308,6 +314,41 @@ def _run_point(label: str, fn, *args, **kwargs) -> dict:
              if k in ("step_s", "bare_step_s", "loop_over_bare", "peak_bytes", "skipped", "error")}
     print(f"  {label}: {shown}", flush=True)
     return point
+
+
+# --- PyTorch peers ---------------------------------------------------------------------------------
+
+
+def run_peers(grid: dict, families, device, max_bytes: int) -> dict:
+    """Our train step at our default settings against its PyTorch peer (benchmarks/peers.py), at each
+    width, interleaved in this process: ours / theirs is the time ratio (< 1: ours is faster)."""
+    from benchmarks import peers
+    from lmu_jax.config import TrainConfig
+
+    chosen = [f for f in peers.PEER_FAMILIES if f in families]
+    missing = peers.torch_available()
+    if missing:
+        print(f"peers: not run: {missing}", flush=True)
+        return {"skipped": missing, "points": []}
+    import torch
+
+    points = []
+    with tempfile.TemporaryDirectory(prefix="lmu_jax_peers_") as tmp:
+        for family in chosen:
+            for d_model in grid["d_models"]:
+                extra = {"positions": "learned"} if family == "transformer" else {}
+                model = model_section(family, d_model, grid["n_layers"][family], "float32", **extra)
+                cfg = run_config(model, grid["seq_len"], grid["batch_size"], str(Path(tmp) / "data_cache"),
+                                 max_bytes, microbatches=TrainConfig().microbatches)
+                where = Path(tmp) / f"{family}_{d_model}"
+                point = _run_point(f"peers {family} d={d_model}", peers.compare, cfg, where, [device],
+                                   rounds=grid["rounds"], compile_=grid["compile"])
+                points.append({"family": family, "d_model": d_model, "n_layers": model["n_layers"],
+                               "n_heads": model.get("n_heads"), "seq_len": grid["seq_len"],
+                               "batch_size": grid["batch_size"], **point})
+                shown = {k: round(v, 3) for k, v in point.items() if k.endswith("step_s") or k.startswith("ours_over")}
+                print(f"    {shown}", flush=True)
+    return {"torch_version": torch.__version__, "points": points}
 
 
 # --- 3. sequence-length scaling -------------------------------------------------------------------
@@ -595,6 +636,10 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
                                    "slowdown_8_vs_1": eight / one if one and eight else None}
             seconds["sharding"] = time.time() - started - sum(seconds.values())
 
+    if "peers" in sections:
+        results["peers"] = run_peers(grid["peers"], families, device, grid["max_bytes"])
+        seconds["peers"] = time.time() - started - sum(seconds.values())
+
     if "lmu_memory" in sections:
         print("LMU memory kernels (benchmarks/lmu_memory.py):", flush=True)
         results["lmu_memory"] = lmu_memory.run(quick, budget_s=0.2 if quick else 1.5, grid=grid["lmu_memory_grid"])
@@ -713,7 +758,34 @@ def to_markdown(results: dict) -> str:
         lines += _sharding_markdown(results)
     if "lmu_memory" in results:
         lines += _lmu_memory_markdown(results)
+    if "peers" in results:
+        lines += _peers_markdown(results)
     return "\n".join(lines) + "\n"
+
+
+def _peers_markdown(results: dict) -> list[str]:
+    peers = results["peers"]
+    lines = ["", "## PyTorch peers (benchmarks/peers.py)", ""]
+    if peers.get("skipped"):
+        return lines + [f"Not run: {peers['skipped']}."]
+    compiled = any("torch_compile_step_s" in p for p in peers["points"])
+    lines += [f"Our Trainer's step at our default settings against the same model in PyTorch {peers['torch_version']} "
+              "(same parameters, copied from ours; forward + backward + clip + AdamW, float32), interleaved one "
+              "step a side per round; medians. ours ÷ theirs < 1: ours is faster.", "",
+              "| family | d_model | layers | batch x tokens | params | microbatches | ours s | torch eager s | "
+              "ours ÷ eager |" + (" torch.compile s | ours ÷ compiled |" if compiled else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else "")]
+    for p in peers["points"]:
+        head = f"| {p['family']} | {p['d_model']} | {p['n_layers']} | {p['batch_size']} x {p['seq_len']} |"
+        if "error" in p:
+            lines.append(f"{head} {p['error'][:70]} | | | | |")
+            continue
+        row = (f"{head} {p['params']:,} | {p['microbatches']} | {p['ours_step_s']:.3f} | "
+               f"{p['torch_eager_step_s']:.3f} | {p['ours_over_torch_eager']:.2f} |")
+        if compiled:
+            row += f" {_fmt(p.get('torch_compile_step_s'), '.3f')} | {_fmt(p.get('ours_over_torch_compile'))} |"
+        lines.append(row)
+    return lines
 
 
 def _train_markdown(results: dict) -> list[str]:

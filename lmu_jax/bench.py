@@ -1,8 +1,9 @@
-"""CLI: `lmu-jax bench [--quick] [--families a,b] [--sections a,b] [--out DIR]`, the performance benchmark.
+"""CLI: `lmu-jax bench [--quick] [--families a,b] [--sections a,b] [--peers] [--out DIR]`, the performance benchmark.
 
 The measuring code lives in ``benchmarks/suite.py`` (ceiling, train steps through the Trainer, the whole
-loop, sequence-length scaling, sharding overhead) and ``benchmarks/lmu_memory.py`` (the LMU memory
-kernels); this module parses and checks the arguments and writes the results.
+loop, sequence-length scaling, sharding overhead), ``benchmarks/peers.py`` (the PyTorch peers) and
+``benchmarks/lmu_memory.py`` (the LMU memory kernels); this module parses and checks the arguments and
+writes the results.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ def register(subparsers) -> None:
                    help="comma-separated families to benchmark (default: %(default)s)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help="directory for <platform>.json and <platform>.md (default: %(default)s)")
-    p.add_argument("--sections", default="train,loop,scaling,sharding,lmu_memory",
-                   help="comma-separated sections to run besides the ceiling (default: all: %(default)s); a partial "
-                   "run writes <platform>_<sections>.json so it never replaces a whole one")
+    p.add_argument("--sections", default=None,
+                   help="comma-separated sections to run besides the ceiling: train, loop, scaling, sharding, "
+                   "lmu_memory (default: these, the whole run) and peers; a partial run writes "
+                   "<platform>_<sections>.json so it never replaces a whole one")
+    p.add_argument("--peers", action="store_true",
+                   help="the PyTorch peers of the transformer and the LSTM (the `peers` extra), timed against ours "
+                   "at batch 16 x 256 tokens: the same as --sections peers, or added to the --sections given")
     p.set_defaults(func=cmd_bench)
 
 
@@ -40,7 +45,12 @@ def cmd_bench(args) -> int:
     from benchmarks import suite
 
     families = parse_names("--families", args.families, suite.FAMILIES)  # before anything slow starts
-    sections = parse_names("--sections", args.sections, suite.SECTIONS)
+    if args.sections is None:
+        sections = () if args.peers else suite.SECTIONS
+    else:
+        sections = parse_names("--sections", args.sections, suite.SECTIONS + suite.OPTIONAL_SECTIONS)
+    if args.peers and "peers" not in sections:
+        sections += ("peers",)
     results = suite.run(args.quick, families, sections)
     for path in suite.write_results(results, args.out):  # the LMU kernel table is a section of them
         print(f"wrote {path}")

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from benchmarks import peers
 from benchmarks.suite import dot_flops_per_instruction, xla_flops
 from lmu_jax.cli import main
 
@@ -102,3 +103,16 @@ def test_xla_flops_counts_straight_line_code_and_refuses_loops():
     assert xla_flops(straight, straight.as_text()) == pytest.approx(2 * 64**3, rel=0.05)
     looped = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, b: b @ a, a)).lower(x).compile()
     assert xla_flops(looped, looped.as_text()) is None
+
+
+@pytest.mark.skipif(peers.torch_available() is not None, reason=peers.torch_available() or "")
+def test_quick_peers_bench(tmp_path):
+    """`--peers` alone runs only the ceiling and the PyTorch peers, and writes <platform>_peers_quick.*"""
+    assert main(["bench", "--quick", "--peers", "--families", "lstm", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "cpu_peers_quick.json").read_text())
+    assert results["sections"] == ["peers"] and "train" not in results
+    (point,) = results["peers"]["points"]
+    assert point["family"] == "lstm" and point["torch_params"] == point["params"]
+    assert point["ours_step_s"] > 0 and point["torch_eager_step_s"] > 0
+    assert point["ours_over_torch_eager"] == pytest.approx(point["ours_step_s"] / point["torch_eager_step_s"])
+    assert "| lstm | 64 | 1 | 4 x 64 |" in (tmp_path / "cpu_peers_quick.md").read_text()
