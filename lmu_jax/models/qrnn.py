@@ -46,7 +46,8 @@ from lmu_jax.models import Family
 from lmu_jax.models.layers import DEFAULT_INIT, Dense, dtype_of, partitioned
 from lmu_jax.models.transformer_xl import (AdaptiveIO, FeedForward, LayerNorm, RelativeAttention, TransformerXLConfig,
                                            adaptive_io_flops, attention_flops_per_token, attention_mask,
-                                           feed_forward_flops_per_token, positional_embeddings, update_memory)
+                                           feed_forward_flops_per_token, layer_biases, layer_memory, logits_and_state,
+                                           positional_embeddings, relative_bias_params, update_memory)
 
 SCANS = ("associative", "sequential")
 
@@ -236,10 +237,7 @@ class HybridLM(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         n_attention = sum(kind == "A" for kind, _ in cfg.blocks)
         if n_attention:  # u, v shared by the A blocks (per block with untie_r), as Transformer-XL
-            shape = ((n_attention,) if cfg.untie_r else ()) + (cfg.n_head, cfg.head_width)
-            axes = (("layers",) if cfg.untie_r else ()) + ("heads", "kv")
-            self.r_w_bias = self.param("r_w_bias", partitioned(DEFAULT_INIT, axes), shape, jnp.float32)
-            self.r_r_bias = self.param("r_r_bias", partitioned(DEFAULT_INIT, axes), shape, jnp.float32)
+            self.r_w_bias, self.r_r_bias = relative_bias_params(self, cfg, n_attention)
 
     def __call__(self, tokens, state=None, *, train: bool = False):
         cfg = self.cfg
@@ -253,10 +251,8 @@ class HybridLM(nn.Module):
         n_attention = n_qrnn = 0
         for (kind, block_window), block in zip(cfg.blocks, self.blocks):
             if kind == "A":
-                memory = None if state is None else state["mems"][:, n_attention]
-                valid = jnp.zeros((batch,), jnp.int32) if state is None else state["valid"][:, n_attention]
-                u, v = (self.r_w_bias[n_attention], self.r_r_bias[n_attention]) if cfg.untie_r \
-                    else (self.r_w_bias, self.r_r_bias)
+                memory, valid = layer_memory(state, n_attention, batch)
+                u, v = layer_biases(cfg, self.r_w_bias, self.r_r_bias, n_attention)
                 out = block(h, memory, attention_mask(seg_len, mem_len, valid, window), pos_emb, u, v, train=train)
                 if state is not None:
                     memory, valid = update_memory(memory, valid, h)
@@ -276,10 +272,7 @@ class HybridLM(nn.Module):
                     new_state["qrnn_cell"].append(cell)
                     new_state["qrnn_inputs"].append(inputs.astype(state["qrnn_inputs"].dtype))
                 n_qrnn += 1
-        logits = self.io.logits(self.drop(h, deterministic=not train))
-        if state is None:
-            return logits
-        return logits, {key: jnp.stack(values, axis=1) for key, values in new_state.items()}
+        return logits_and_state(self.io.logits(self.drop(h, deterministic=not train)), state, new_state)
 
 
 def initial_state(cfg: HybridConfig, batch: int, evaluation: bool = False) -> dict:

@@ -377,6 +377,35 @@ def positional_embeddings(cfg, klen: int, *, train: bool, offset=None):
     return sinusoid(distances, cfg.d_model)
 
 
+def relative_bias_params(module: nn.Module, cfg, n_attention: int):
+    """u (``r_w_bias``) and v (``r_r_bias``), (n_head, d_head): one pair shared by the module's
+    ``n_attention`` attention layers, or one pair per layer with ``untie_r``. Call from ``setup``."""
+    shape = ((n_attention,) if cfg.untie_r else ()) + (cfg.n_head, cfg.head_width)
+    axes = (("layers",) if cfg.untie_r else ()) + ("heads", "kv")
+    return tuple(module.param(name, partitioned(DEFAULT_INIT, axes), shape, jnp.float32)
+                 for name in ("r_w_bias", "r_r_bias"))
+
+
+def layer_biases(cfg, r_w_bias, r_r_bias, layer: int):
+    """The u, v that attention layer ``layer`` uses."""
+    return (r_w_bias[layer], r_r_bias[layer]) if cfg.untie_r else (r_w_bias, r_r_bias)
+
+
+def layer_memory(state, layer: int, batch: int):
+    """Attention layer ``layer``'s memory and count of valid rows; (None, zeros) without a state."""
+    if state is None:
+        return None, jnp.zeros((batch,), jnp.int32)
+    return state["mems"][:, layer], state["valid"][:, layer]
+
+
+def logits_and_state(logits, state, new_state: dict):
+    """What a carried-state model returns: logits alone for the stateless call (``state`` None), else
+    (logits, the per-layer lists of ``new_state`` stacked on axis 1 as ``initial_state`` lays them out)."""
+    if state is None:
+        return logits
+    return logits, {key: jnp.stack(values, axis=1) for key, values in new_state.items()}
+
+
 def update_memory(memory, valid, h):
     """The next segment's memory: the last M rows of [memory ; h], gradient stopped."""
     mem_len, seg_len = memory.shape[1], h.shape[1]
@@ -393,16 +422,7 @@ class TransformerXL(nn.Module):
                              cfg.tie_embeddings, dtype)
         self.layers = [TXLLayer(cfg) for _ in range(cfg.n_layers)]
         self.drop = nn.Dropout(cfg.dropout)
-        # u (r_w_bias) and v (r_r_bias): (n_head, d_head), shared by the layers unless untie_r
-        shape = ((cfg.n_layers,) if cfg.untie_r else ()) + (cfg.n_head, cfg.head_width)
-        axes = (("layers",) if cfg.untie_r else ()) + ("heads", "kv")
-        self.r_w_bias = self.param("r_w_bias", partitioned(DEFAULT_INIT, axes), shape, jnp.float32)
-        self.r_r_bias = self.param("r_r_bias", partitioned(DEFAULT_INIT, axes), shape, jnp.float32)
-
-    def relative_biases(self, layer: int):
-        if self.cfg.untie_r:
-            return self.r_w_bias[layer], self.r_r_bias[layer]
-        return self.r_w_bias, self.r_r_bias
+        self.r_w_bias, self.r_r_bias = relative_bias_params(self, cfg, cfg.n_layers)
 
     def __call__(self, tokens, state=None, *, train: bool = False):
         cfg = self.cfg
@@ -419,8 +439,7 @@ class TransformerXL(nn.Module):
         pos_emb = self.drop(positional_embeddings(cfg, klen, train=train), deterministic=not train)
         new_state = {key: [] for key in (state or {})}
         for i in range(cfg.n_layers):
-            memory = None if state is None else state["mems"][:, i]
-            valid = jnp.zeros((batch,), jnp.int32) if state is None else state["valid"][:, i]
+            memory, valid = layer_memory(state, i, batch)
             age = None if state is None or "age" not in state else state["age"][:, i]
             key_skip = key_perm = None
             if skip_rng is not None:
@@ -443,13 +462,11 @@ class TransformerXL(nn.Module):
                 if key in new_state:
                     new_state[key].append(value)
 
-        logits = self.io.logits(self.drop(h, deterministic=not train))
-        if state is None:
-            return logits
-        return logits, {key: jnp.stack(values, axis=1) for key, values in new_state.items()}
+        return logits_and_state(self.io.logits(self.drop(h, deterministic=not train)), state, new_state)
 
     def _run_layer(self, h, memory, valid, age, *, layer, mask, pos_emb, aged_pos_emb, head_perm, train):
-        out = self.layers[layer](h, memory, mask, pos_emb, *self.relative_biases(layer), train=train,
+        u, v = layer_biases(self.cfg, self.r_w_bias, self.r_r_bias, layer)
+        out = self.layers[layer](h, memory, mask, pos_emb, u, v, train=train,
                                  aged_pos_emb=aged_pos_emb, head_perm=head_perm)
         if memory is not None:  # the memory caches the layer's input
             memory, valid = update_memory(memory, valid, h)
