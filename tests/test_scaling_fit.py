@@ -16,7 +16,7 @@ from lmu_jax.errors import UserError
 from lmu_jax.scaling import fit_chinchilla, fit_power_law, frontier, lower_envelope
 from lmu_jax.scaling import laws
 from lmu_jax.scaling.commands import read_table
-from lmu_jax.scaling.fit import HuberLogProblem, _openblas_thread_setters, minimize_from_starts, single_threaded_blas
+from lmu_jax.scaling.fit import HuberLogProblem, minimize_from_starts, single_threaded_blas
 from lmu_jax.scaling.laws import ChinchillaLaw, PowerLaw
 
 CHINCHILLA_CSV = str(Path(__file__).parent / "data" / "chinchilla_epoch_fig4.csv")
@@ -228,9 +228,14 @@ def test_bad_input_is_a_user_error(call, match):
 
 def test_fits_pin_blas_to_one_thread_and_restore_it():
     """L-BFGS-B's tiny BLAS calls are ~30x slower when OpenBLAS wakes its thread pool on shared cores."""
-    threads = [get() for get, _ in _openblas_thread_setters()]
-    if not threads:
-        pytest.skip("this numpy/scipy does not use OpenBLAS")
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+    before = blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl can see is loaded")
     with single_threaded_blas():
-        assert [get() for get, _ in _openblas_thread_setters()] == [1] * len(threads)
-    assert [get() for get, _ in _openblas_thread_setters()] == threads
+        assert blas_threads() == [1] * len(before)
+    assert blas_threads() == before

@@ -35,7 +35,6 @@ Every fit uses exactly the points it is given; choose them before calling (e.g. 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
 import itertools
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from typing import ClassVar
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 from lmu_jax.errors import bad_value
 from lmu_jax.scaling.laws import ChinchillaLaw, PowerLaw
@@ -68,61 +68,16 @@ CHINCHILLA_GRID = np.array(
 )
 
 
-def _loaded_openblas_libraries():
-    """ctypes handles of the OpenBLAS libraries this process has loaded (numpy's and scipy's wheels)."""
-    try:
-        with open("/proc/self/maps") as maps:
-            paths = {line.split()[-1] for line in maps if "openblas" in line.lower() and "/" in line}
-    except OSError:  # not Linux: nothing we can pin without threadpoolctl
-        return []
-    handles = []
-    for path in sorted(paths):
-        try:
-            handles.append(ctypes.CDLL(path))
-        except OSError:
-            continue
-    return handles
-
-
-def _openblas_thread_setters():
-    """(get, set) pairs for each loaded OpenBLAS; the symbols carry the wheel's prefix and suffix."""
-    pairs = []
-    for lib in _loaded_openblas_libraries():
-        for prefix, suffix in (("scipy_openblas", ""), ("scipy_openblas", "64_"), ("openblas", "")):
-            get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-            put = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-            if get is not None and put is not None:
-                pairs.append((get, put))
-                break
-    return pairs
-
-
 @contextlib.contextmanager
 def single_threaded_blas():
-    """Run the block with one BLAS thread.
+    """Run the block with one BLAS thread (threadpoolctl), restoring the previous setting afterwards.
 
     scipy's L-BFGS-B makes thousands of tiny BLAS calls per fit; OpenBLAS wakes its thread pool for
     them, which made a Chinchilla grid fit ~30x slower on a 2-core machine shared with other jobs
-    (measured: 2.1 ms vs 66 us per objective evaluation). Uses threadpoolctl when installed, else the
-    OpenBLAS API through ctypes; restores the previous setting afterwards.
+    (measured: 2.1 ms vs 66 us per objective evaluation).
     """
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        threadpool_limits = None
-    if threadpool_limits is not None:
-        with threadpool_limits(limits=1, user_api="blas"):
-            yield
-        return
-    pairs = _openblas_thread_setters()
-    previous = [get() for get, _ in pairs]
-    for _, put in pairs:
-        put(1)
-    try:
+    with threadpool_limits(limits=1, user_api="blas"):
         yield
-    finally:
-        for (_, put), count in zip(pairs, previous):
-            put(count)
 
 
 def _with_single_threaded_blas(fn):
@@ -313,7 +268,8 @@ class FitResult:
     ``stderr``/``ci`` hold NaN unless the fit was bootstrapped (``bootstrap`` resamples over runs).
     ``objective`` is the summed Huber objective; ``converged`` means a scale-free restart from the
     optimum could not lower it (see the module docstring); ``n_starts_agree`` counts the grid starts
-    whose own L-BFGS-B run ended within ``AGREE_RTOL`` of the optimum.
+    whose own L-BFGS-B run ended within ``AGREE_RTOL`` of the optimum. ``identified`` is False when
+    any check of ``identifiability`` failed; ``warnings`` says which, one sentence each.
     """
 
     stderr: dict
@@ -328,6 +284,8 @@ class FitResult:
     bootstrap: int = 0
     bootstrap_unconverged: int = 0
     bootstrap_samples: dict = field(default_factory=dict, repr=False, compare=False)
+    identified: bool = True
+    warnings: list = field(default_factory=list)
 
     PARAM_NAMES: ClassVar[tuple] = ()  # each subclass names its constants
 
@@ -340,7 +298,7 @@ class FitResult:
         return (
             f"{type(self).__name__}({constants}, objective={self.objective:.6g}, converged={self.converged}, "
             f"n_points={self.n_points}, n_starts_agree={self.n_starts_agree}/{self.n_starts}, "
-            f"bootstrap={self.bootstrap})"
+            f"bootstrap={self.bootstrap}, identified={self.identified})"
         )
 
     def summary(self) -> str:
@@ -503,38 +461,117 @@ def fit_chinchilla(
         named = {"E": np.exp(e), "A": np.exp(a), "B": np.exp(b), "alpha": alpha, "beta": beta}
         return named | {"a": beta / (alpha + beta), "b": alpha / (alpha + beta)}
 
+    # (label, coefficient, exponent, mean log of the variable) of each term: see ``identifiability``
+    terms = [("A/N^alpha", "A", "alpha", float(np.mean(np.log(N)))),
+             ("B/D^beta", "B", "beta", float(np.mean(np.log(D))))]
+    return _finish(ChinchillaFit, problem, optimum, starts, constants, free=ChinchillaFit.PARAM_NAMES, terms=terms,
+                   bootstrap=bootstrap, seed=seed, ci_level=ci_level, bootstrap_from=bootstrap_from,
+                   max_starts=max_starts)
+
+
+def _finish(cls, problem, optimum, starts, constants, *, free, terms, bootstrap, seed, ci_level, bootstrap_from,
+            max_starts):
+    """The tail both fitters share: bootstrap, uncertainties, identifiability, the result object.
+
+    ``constants(theta)`` maps optimiser parameters (one row or many) to named constants; ``free``
+    names the fitted ones; ``terms`` describe each power-law term for ``identifiability``.
+    """
     samples, unconverged = {}, 0
     if bootstrap:
         thetas, unconverged = _bootstrap(problem, optimum.theta, starts, bootstrap, seed, bootstrap_from, max_starts)
         samples = constants(thetas)
     point = {k: float(v) for k, v in constants(optimum.theta).items()}
     stderr, ci = _uncertainty(samples, point, ci_level)
-    return ChinchillaFit(
-        **{k: point[k] for k in ChinchillaFit.PARAM_NAMES},
-        **_report_fields(optimum, len(loss), stderr, ci, bootstrap, unconverged, samples),
-    )
-
-
-def _report_fields(optimum, n_points, stderr, ci, bootstrap, unconverged, samples):
+    n_points = problem.log_loss.size
+    warnings = identifiability(point, samples, free=free, terms=terms, ci_level=ci_level, n_points=n_points,
+                               optimum=optimum, min_loss=float(np.exp(problem.log_loss.min())),
+                               unconverged=unconverged, bootstrap=bootstrap)
     message = optimum.message
     if optimum.n_starts > 1 and optimum.n_starts_agree < 2:
         message += "; only one start reached the optimum"
     if unconverged:
         message += f"; {unconverged} of {bootstrap} bootstrap refits did not converge"
-    return {
-        "stderr": stderr,
-        "ci": ci,
-        "objective": optimum.objective,
-        "converged": optimum.converged,
-        "message": message,
-        "grad_norm": optimum.grad_norm,
-        "n_starts": optimum.n_starts,
-        "n_starts_agree": optimum.n_starts_agree,
-        "n_points": n_points,
-        "bootstrap": int(bootstrap),
-        "bootstrap_unconverged": unconverged,
-        "bootstrap_samples": samples,
-    }
+    return cls(
+        **{k: point[k] for k in cls.PARAM_NAMES},
+        stderr=stderr,
+        ci=ci,
+        objective=optimum.objective,
+        converged=optimum.converged,
+        message=message,
+        grad_norm=optimum.grad_norm,
+        n_starts=optimum.n_starts,
+        n_starts_agree=optimum.n_starts_agree,
+        n_points=n_points,
+        bootstrap=int(bootstrap),
+        bootstrap_unconverged=unconverged,
+        bootstrap_samples=samples,
+        identified=not warnings,
+        warnings=warnings,
+    )
+
+
+POINTS_PER_CONSTANT = 3  # fewer points than this per free constant cannot pin the constants down
+NEAR_ZERO = 0.01  # E below this fraction of the smallest loss has "run to zero"
+BOUND_RTOL = 1e-3  # a constant within this (relative) of a bound sits on it
+MAX_UNCONVERGED_SHARE = 0.1  # bootstrap refits that may fail to converge before the fit is suspect
+
+
+def _interval_text(ci_level, name, lo, hi) -> str:
+    return f"the {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}],"
+
+
+def identifiability(point, samples, *, free, terms, ci_level, n_points, optimum, min_loss, unconverged,
+                    bootstrap) -> list[str]:
+    """Sentences saying why a fit's constants are not pinned down by its data; empty when they are.
+
+    Checks: convergence; at least ``POINTS_PER_CONSTANT`` points per free constant; more than one grid
+    start reaching the optimum (restarts agree); E not run to zero and not at its bound min(loss);
+    exponents not at ``ALPHA_BOUNDS``; and, when bootstrapped, intervals that neither reach zero nor are
+    wider than the value, for E, each exponent and each term's size at the data's geometric centre
+    (``A * x**-alpha`` there). A and B themselves are not judged: they are the terms extrapolated to
+    x = 1, far outside any data, and trade off against the exponents even when the law is well fixed.
+    """
+    warnings = []
+    if not optimum.converged:
+        warnings.append(f"The optimiser did not converge ({optimum.message}).")
+    if n_points < POINTS_PER_CONSTANT * len(free):
+        warnings.append(f"{n_points} points for {len(free)} free constants: fewer than {POINTS_PER_CONSTANT} "
+                        "points per constant cannot pin them down.")
+    if optimum.n_starts > 1 and optimum.n_starts_agree < 2:
+        warnings.append(f"Only 1 of {optimum.n_starts} starts reached the optimum: restarts disagree, so "
+                        "another minimum may fit as well.")
+    if bootstrap and unconverged > MAX_UNCONVERGED_SHARE * bootstrap:
+        warnings.append(f"{unconverged} of {bootstrap} bootstrap refits did not converge.")
+    if "E" in free:
+        if point["E"] < NEAR_ZERO * min_loss:
+            warnings.append(f"E = {point['E']:.3g} ran to zero (below {100 * NEAR_ZERO:g} % of the smallest loss, "
+                            f"{min_loss:.4g}): the data do not reach the irreducible loss, so E, A and alpha trade "
+                            "off freely.")
+        elif point["E"] > (1 - BOUND_RTOL) * min_loss:
+            warnings.append(f"E = {point['E']:.4g} sits at its bound, the smallest loss: the law saturates "
+                            "inside the data.")
+    exponents = [exponent for _, _, exponent, _ in terms]
+    for name in exponents:
+        for bound in ALPHA_BOUNDS:
+            if abs(point[name] - bound) <= BOUND_RTOL * bound + 1e-9:
+                warnings.append(f"{name} = {point[name]:.4g} sits at its bound {bound:g}.")
+    if not samples:
+        return warnings
+    tail = 100 * (1 - ci_level) / 2
+    point = dict(point)
+    judged = {name: samples[name] for name in (["E"] if "E" in free else []) + exponents}
+    for label, coefficient, exponent, log_centre in terms:
+        judged[f"{label} at the data's centre"] = samples[coefficient] * np.exp(-samples[exponent] * log_centre)
+        point[f"{label} at the data's centre"] = point[coefficient] * np.exp(-point[exponent] * log_centre)
+    for name, values in judged.items():
+        lo, hi = np.percentile(values, [tail, 100 - tail])
+        zero = NEAR_ZERO * (min_loss if name == "E" else abs(point[name]))
+        if lo <= zero:
+            warnings.append(f"{_interval_text(ci_level, name, lo, hi)} reaches zero.")
+        elif hi - lo > abs(point[name]):
+            warnings.append(f"{_interval_text(ci_level, name, lo, hi)} is wider than its value "
+                            f"{point[name]:.3g}.")
+    return warnings
 
 
 def power_law_grid(loss, *, fixed_E: bool = False):
@@ -594,13 +631,10 @@ def fit_power_law(
         E_values = np.exp(e) * np.ones_like(alpha)
         return {"E": E_values, "A": np.exp(a_scaled + alpha * log_x0), "alpha": alpha}
 
-    samples, unconverged = {}, 0
-    if bootstrap:
-        thetas, unconverged = _bootstrap(problem, optimum.theta, starts, bootstrap, seed, bootstrap_from, max_starts)
-        samples = constants(thetas)
-    point = {k: float(v) for k, v in constants(optimum.theta).items()}
-    stderr, ci = _uncertainty(samples, point, ci_level)
-    return PowerLawFit(**point, **_report_fields(optimum, len(loss), stderr, ci, bootstrap, unconverged, samples))
+    return _finish(PowerLawFit, problem, optimum, starts, constants,
+                   free=("E", "A", "alpha") if E is None else ("A", "alpha"),
+                   terms=[("A/x^alpha", "A", "alpha", log_x0)], bootstrap=bootstrap, seed=seed,
+                   ci_level=ci_level, bootstrap_from=bootstrap_from, max_starts=max_starts)
 
 
 # ----------------------------------------------------------------------------------------- frontier
