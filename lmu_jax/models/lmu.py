@@ -17,11 +17,10 @@ Recurrent inference (``init_recurrent_state`` / ``generate_step``) runs one toke
 full q x d memory per layer and applies the L_i at each step: O(1) state for ``lmu``. ``lmu_attn``
 also keeps a key/value cache for its global attention, which is O(n) in the tokens seen.
 
-``remat`` wraps the memory + implicit-attention sub-block in ``nn.remat``: the residuals saved for
-the backward pass drop 2.7x (365 -> 133 MiB per layer at batch 16, n 256, d 128, q 64; the GELU'd
-(batch, time, 3q', d) Q, K, V and their intermediates are what is saved without it) for more time: on
-CPU at q 64, d 512, 4 % since the memory went channels last (17 % before; ~50 % at q 250, measured
-before). XLA:CPU's own buffer assignment showed no peak-memory change, so the saving is for
+``remat`` wraps the memory + implicit-attention sub-block in ``nn.remat``: the backward pass
+recomputes the GELU'd (batch, time, 3q', d) Q, K, V and their intermediates instead of saving them
+(the saved residuals drop ~2.7x at q 64), at the cost of time (README "Performance" says how much on
+CPU). XLA:CPU's own buffer assignment showed no peak-memory change, so the saving is for
 accelerators, where activations bound the batch; turn it off for speed on CPU.
 
 FLOPs: ``forward_flops_per_token`` counts the memory by the paper's Table 2 (the FFT path), whatever
@@ -161,9 +160,8 @@ class ImplicitAttention(nn.Module):
     def attend(self, reduced):
         """(..., 3q', d) reduced memory rows -> (..., d): eqs. 8-10, contracting over the channels d.
         Channels last: every elementwise pass runs along d, and the split into Q, K, V is along a
-        major axis (with d first and 3q' = 18 last, the same block trained 1.4x slower on CPU).
-        The readout goes first, r^T (P V) = (r^T P) V: the mixed rows M' = P V, (q', d) per token, are
-        never formed (attend forward + backward at batch 4, n 256, d 512 on the CPU: 68 -> 52 ms)."""
+        major axis (d first trains slower on CPU). The readout goes first, r^T (P V) = (r^T P) V: the
+        mixed rows M' = P V, (q', d) per token, are never formed."""
         query, key, value = jnp.split(nn.gelu(reduced), 3, axis=-2)  # each (..., q', d)
         scores = jnp.einsum("...id,...jd->...ij", query, key) * self.cfg.logit_scale  # (..., q', q')
         weights = jnp.einsum("...ij,i->...j", jax.nn.softmax(scores, axis=-1), self.readout)  # r^T P

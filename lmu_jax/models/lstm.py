@@ -9,11 +9,10 @@ Layers are stacked without residuals; a final LayerNorm, then the (tied) unembed
 
 The time loop is ``lax.scan`` over our own cell rather than ``nn.RNN(nn.OptimizedLSTMCell)``, because
 the LSTMP projection feeds back into the recurrence, which the flax cell cannot express; the math and
-the fused 4-gate matmuls are the same, and so was the speed under autodiff (CPU, forward+backward,
-batch 32 x 128 steps x width 512: flax cell 821 ms, this cell 747 ms). The backward pass is our own
-(``lstm_sequence``): the reverse scan does only the recurrent matmul per step, and the input and
-weight gradients are whole-sequence matmuls after it (train step at d 512, 8192 tokens: 1.25-1.43 s
--> 1.01-1.04 s; at 1024 tokens 2-3x faster; d 128-256 unchanged). ``hoist_inputs`` moves the forward
+the fused 4-gate matmuls are the same, and so is the speed under autodiff. The backward pass is our
+own (``lstm_sequence``): the reverse scan does only the recurrent matmul per step, and the input and
+weight gradients are whole-sequence matmuls after it, which makes the step faster on CPU at d >= 512
+(README "Performance"). ``hoist_inputs`` moves the forward
 input-to-gate matmul of every step out of the loop into one big matmul; on CPU (XLA, jax 0.10) that
 measured *slower* (1.5-2x slower forward at widths 64-512), so the default keeps both forward
 matmuls in the loop. Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state
