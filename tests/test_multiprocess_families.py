@@ -73,5 +73,28 @@ def test_every_family_two_processes_match_one_process(tmp_path, kjv_cache):
                                    [loss for _, loss in train_losses(tmp_path / "one" / run.family)],
                                    rtol=2e-5, err_msg=run.family)
         restored = state_leaves(run_dir, cfg)  # the 2-process checkpoint, restored here
-        for a, b in zip(jax.tree.leaves(one.final_state), restored):
-            np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6, err_msg=run.family)
+        assert_states_agree([np.asarray(a) for a in jax.tree.leaves(one.final_state)], restored,
+                            STEPS * cfg.optim.lr, run.family)
+
+
+def assert_states_agree(one: list, two: list, lr_sum: float, family: str) -> None:
+    """The train states of the 1- and 2-process runs agree, up to what float32 reduction order can do.
+
+    The two runs all-reduce gradients in different orders (in-process vs cross-process collectives), so a
+    gradient differs in its last bits. Adam divides by the gradient's own scale: where a gradient is near
+    zero (at the level of its rounding noise or of eps), those last bits can change the update by up to its
+    full size, lr per step in each direction. So nearly every element must agree to rtol 1e-4 / atol 1e-6,
+    and the few that do not (at most 0.1 % of the state, at least 2) by no more than 2 x the summed learning
+    rate, the most two Adam trajectories can part in STEPS steps. Anything else is a real divergence."""
+    assert len(one) == len(two), family
+    outliers, total = [], 0
+    for index, (a, b) in enumerate(zip(one, two)):
+        assert a.shape == b.shape, (family, index)
+        total += a.size
+        gap = np.abs(a.astype(np.float64) - b.astype(np.float64))
+        loose = gap > 1e-6 + 1e-4 * np.abs(b.astype(np.float64))
+        outliers += [(index, float(g)) for g in gap[loose]]
+    allowed = max(2, int(1e-3 * total))
+    assert len(outliers) <= allowed, f"{family}: {len(outliers)} of {total} elements differ (allowed {allowed})"
+    worst = max((g for _, g in outliers), default=0.0)
+    assert worst <= 2 * lr_sum, f"{family}: an element differs by {worst:.3g} > 2 x summed lr {2 * lr_sum:.3g}"
