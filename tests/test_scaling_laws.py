@@ -1,4 +1,4 @@
-"""Published scaling laws as data: the LMU paper's fits (lmu.md §10) and the Chinchilla frontier (§2.3)."""
+"""Published scaling laws as data: the LMU paper's fits (docs/lmu.md) and the Chinchilla frontier (docs/scaling.md)."""
 
 import math
 
@@ -9,7 +9,7 @@ from lmu_jax.errors import UserError
 from lmu_jax.scaling import laws
 from lmu_jax.scaling.laws import ChinchillaLaw, PowerLaw, lmu_paper_loss
 
-# lmu.md §10, "Derived values of these fits (nats)": N, d = sqrt(N/24), then one column per curve
+# docs/lmu.md, "The paper's published fits": N, d = sqrt(N/24), then one column per curve
 LMU_TABLE_COLUMNS = ("lmu", "lmu_attn", "transformer_S25k", "transformer_S250k", "lstm")
 LMU_TABLE = [
     (5.5e4, 47.9, 4.871, 4.774, 5.148, 5.022, 5.240),

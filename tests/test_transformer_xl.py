@@ -1,5 +1,5 @@
 """Transformer-XL and SCH-TXL: relative shift and memory positions against a naive loop, segment memory
-equals one long pass, causality across segments, same_length / clamp_len, per-row resets, the spec's
+equals one long pass, causality across segments, same_length / clamp_len, per-row resets, the reference
 parameter counts, SCH-TXL = Transformer-XL bitwise with its mechanisms off, skip-retain bookkeeping,
 shared random draws across devices, FLOPs against XLA, and a few train steps."""
 
@@ -242,7 +242,7 @@ def test_adaptive_softmax_is_a_normalised_two_level_distribution(div_val):
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts (spec §1.3, §2.3, §7.5)
+# Parameter counts of the reference configurations (docs/architectures.md)
 
 
 def reference_count(vocab, n_layer, d, n_head, d_head, d_inner, cutoffs=(), div_val=1, tied=True):
@@ -261,7 +261,7 @@ def reference_count(vocab, n_layer, d, n_head, d_head, d_inner, cutoffs=(), div_
     return n_layer * (attn + ff) + 2 * n_head * d_head + io, n_layer * (attn + ff) + 2 * n_head * d_head
 
 
-PAPER_CONFIGS = {  # (config, total M, non-embedding M) as the spec states them; None = not stated
+PAPER_CONFIGS = {  # (config, total M, non-embedding M) as the references give them; None = not stated
     "enwik8 base 12L": (TransformerXLConfig(vocab_size=204, d_model=512, n_layers=12, n_head=8, d_head=64,
                                             d_inner=2048), "41.06", None),
     "WT103 base": (TransformerXLConfig(vocab_size=267735, d_model=410, n_layers=16, n_head=10, d_head=41, d_inner=2100,

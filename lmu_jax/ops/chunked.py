@@ -1,6 +1,6 @@
 """Chunked parallel scan of the LMU memory: the project's associative-parallel-scan path.
 
-Split time into K chunks of C steps (spec section 7.3). With k the chunk and j = 0..C-1 the
+Split time into K chunks of C steps (docs/lmu.md). With k the chunk and j = 0..C-1 the
 position inside it,
 
     m_{k,j} = sum_{i<=j} H[j-i] u_{k,i}   +   A_bar^{j+1} s_{k-1},
@@ -17,7 +17,7 @@ produces r outputs per step directly: only the K chunk-boundary states are order
 unfolded memory is the case R = I, using H and A_bar^{j+1} as they are.)
 
 Every matmul runs at precision=HIGHEST: bf16 operands (the TPU default) cost ~3e-3 relative
-error here (spec section 6.2), float32 gives ~3e-7.
+error here, float32 gives ~3e-7.
 """
 
 from __future__ import annotations

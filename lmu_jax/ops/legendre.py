@@ -11,7 +11,7 @@ inputs; `legendre_decoder` reads a delayed input back out of it.
 Everything here is numpy float64, cached by (order, theta, ...) and returned read-only, so the
 JAX kernels in `memory.py` / `chunked.py` embed them as frozen constants and nothing is ever
 recomputed per training step. Nothing here diagonalises A: its eigenvectors are hopelessly
-ill-conditioned beyond order ~8 (spec section 6.1).
+ill-conditioned beyond order ~8 (docs/lmu.md).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def impulse_response_spectrum(order: int, theta: float, length: int) -> tuple[np
     (order, fft_length // 2 + 1).
 
     Transformed in float64 and only then rounded, which is what makes the FFT path the most
-    accurate one (~2e-7 relative, spec section 6.2). Real and imaginary parts are kept apart so the
+    accurate one (~2e-7 relative). Real and imaginary parts are kept apart so the
     folded path can project them with two real float32 matmuls.
     """
     spectrum = np.fft.rfft(impulse_response(order, theta, length), n=fft_length(length), axis=0).T

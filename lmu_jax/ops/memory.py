@@ -13,7 +13,7 @@ Implementations (same signature, same results to float32 accuracy):
     "auto"        picks one of the above per platform and shape (see `select_memory_impl`).
 
 The memory path always computes in float32, whatever the input dtype: XLA's RFFT rejects bf16,
-and bf16 matmul operands cost ~3e-3 relative error (spec section 6.2). There is deliberately no
+and bf16 matmul operands cost ~3e-3 relative error (docs/lmu.md). There is deliberately no
 diagonalised route: A's eigenvectors have condition number ~1e8 already at order 16.
 """
 
@@ -44,12 +44,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 #     at order 16 the chunked path wins up to n = 4096; at 16384 the scan won 2 runs of 3.
 #   folded: chunked wins at orders 16 and 64 by 1.2-3x; at order 256 the FFT wins at n = 256
 #     (1.5x) and by ~1.25x in head-to-head runs at 1024 and 4096 (the full grid: within 3 % at 1024,
-#     fft 1.10x faster at 4096); at 16384 chunked won the full grid by 1.23x (median and minimum),
-#     where earlier head-to-head runs had a tie.
-# Re-measured after the chunked kernel went channels last (a slower host): the same picks, auto within
-# 9 % of the fastest everywhere (lmu_memory_cpu.md). Thresholds sit between measured points.
-# GPU/TPU are NOT measured yet: they take the spec's
-# default, the FFT (section 7.1), until a device benchmark adds rows for them.
+#     fft 1.10x faster at 4096); at 16384 chunked won the full grid by 1.23x (median and minimum).
+# With the current kernels auto is within 9 % of the fastest everywhere (lmu_memory_cpu.md).
+# Thresholds sit between measured points. GPU/TPU are not measured yet: they take the FFT, the most
+# accurate kernel (docs/lmu.md), until a device benchmark adds rows for them.
 _AUTO_TABLE = {
     ("cpu", False): [(4096, 32, "chunked"), (None, None, "sequential")],
     ("cpu", True): [(None, 128, "chunked"), (8192, None, "fft"), (None, None, "chunked")],
@@ -73,7 +71,7 @@ def default_chunk_len(order: int, platform: str | None = None) -> int:
     (~8 order^3 / (C * batch * channels) flops per token and channel). CPU, measured with
     benchmarks/lmu_memory.py's setting (batch*channels = 64, forward + backward, C in 8..128):
     C = 32 is best or within ~10 % of best for orders 16 and 64, C = 64 for order 256.
-    Elsewhere (unmeasured) 64, the low end of the spec's MXU/tensor-core-friendly 64-128.
+    Elsewhere (unmeasured) 64, the low end of the MXU/tensor-core-friendly 64-128.
     """
     platform = platform or jax.default_backend()
     if platform == "cpu":
@@ -178,8 +176,8 @@ def lmu_memory_folded(
 ) -> jax.Array:
     """Reduced memory: einsum('ro,btco->btrc', reduce, lmu_memory(u)) -> (batch, time, r, channels).
 
-    Convolves u with the r folded kernels reduce @ H instead of the `order` kernels H (spec
-    section 4), so the (batch, time, channels, order) memory is never formed. Differentiable in
+    Convolves u with the r folded kernels reduce @ H instead of the `order` kernels H (docs/lmu.md,
+    "The folded memory"), so the (batch, time, channels, order) memory is never formed. Differentiable in
     both `u` and `reduce` (the trainable L_i stacked, r = 3 q' in the LM block).
     """
     reduce = _as_float32(reduce, "reduce")

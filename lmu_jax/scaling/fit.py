@@ -48,7 +48,7 @@ from lmu_jax.errors import bad_value
 from lmu_jax.scaling.laws import ChinchillaLaw, PowerLaw
 
 HUBER_DELTA = 1e-3
-ALPHA_BOUNDS = (0.01, 2.0)  # for alpha and beta in both forms (spec §2.5)
+ALPHA_BOUNDS = (0.01, 2.0)  # for alpha and beta in both forms (docs/scaling.md)
 CONVERGED_RTOL = 1e-8  # a restart from the optimum may lower the objective by at most this, relatively
 AGREE_RTOL = 1e-4  # grid starts within this relative objective of the best "agree"
 EXACT_FIT_PER_POINT = 1e-12  # objective per point below which a fit is exact: log residuals ~1e-6, far below noise

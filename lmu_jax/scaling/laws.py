@@ -155,7 +155,7 @@ EPOCH_HEADLINE_STDERR = {"A": 124.52, "B": 1293.28, "E": 0.026, "alpha": 0.0154,
 EPOCH_POINT_FIT_240 = ChinchillaLaw(E=1.81724, A=477.84, B=2143.86, alpha=0.34731, beta=0.36718)
 CHINCHILLA_COMPUTE = 6 * 70e9 * 1.4e12  # Chinchilla itself: 70B parameters on 1.4T tokens
 
-# --- The LMU paper (Chilkuri et al. 2021, arXiv 2110.02402), Sec. 5; lmu.md §10 ----------------------
+# --- The LMU paper (Chilkuri et al. 2021, arXiv 2110.02402), Sec. 5; docs/lmu.md ----------------------
 LMU_PAPER_STEPS = 25_000  # "set to 25000 at batch size of 512"
 
 
@@ -178,7 +178,7 @@ def lmu_paper_loss(name: str, N):
 
     ``name`` is a key of ``LMU_PAPER_FITS``. The transformer curves are eq. 12, i.e. Kaplan's L(N, S)
     with ``S_min`` set to the paper's step count S itself (25k, or 250k for "10x the steps"). This is
-    what reproduces the derived-values table of lmu.md §10 to 3 decimals. Kaplan's S_min correction for
+    what reproduces the derived-values table of docs/lmu.md to 3 decimals. Kaplan's S_min correction for
     the paper's batch (512 x 1024 tokens, ``KAPLAN_L_N_S.loss_at_steps``) gives S_min ≈ 0.87 S at
     N = 5.5e4 down to 0.71 S at 1e6 (B_crit grows as the loss falls), i.e. losses 0.017–0.046 nats higher
     at 25k steps over the fitted range, which changes every transformer cell of the table. The table
