@@ -121,12 +121,21 @@ def causal_attention(q, k, v):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (``causal_attention``)."""
+    """Multi-head causal self-attention: query, key and value projections, ``attend``, and the output
+    projection. A subclass that attends differently (other key sets, spans) overrides ``attend`` only,
+    so its parameters are these, under these names."""
 
     n_heads: int
     rope: bool = True
     n_layers: int = 1
     dtype: jnp.dtype = jnp.float32
+
+    def attend(self, q, k, v):
+        """q, k, v (batch, time, heads, head_dim) -> the attended values, same shape."""
+        if self.rope:
+            positions = jnp.arange(q.shape[1])
+            q, k = rotary(q, positions), rotary(k, positions)
+        return causal_attention(q, k, v)
 
     @nn.compact
     def __call__(self, x):
@@ -140,11 +149,7 @@ class CausalSelfAttention(nn.Module):
                 bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
             )(x)
 
-        q, k, v = project("query"), project("key"), project("value")  # (batch, time, heads, head_dim)
-        if self.rope:
-            positions = jnp.arange(x.shape[1])
-            q, k = rotary(q, positions), rotary(k, positions)
-        out = causal_attention(q, k, v)
+        out = self.attend(project("query"), project("key"), project("value"))
         return nn.DenseGeneral(
             d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
             kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),

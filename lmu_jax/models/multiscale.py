@@ -25,7 +25,6 @@ Loss and perplexity are per token at the fine scale; coarse positions are never 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import flax.linen as nn
@@ -36,8 +35,8 @@ import numpy as np
 from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import attention_flops, dense_flops
-from lmu_jax.models import Family
-from lmu_jax.models.layers import DEFAULT_INIT, Dense, Embedder, Mlp, Norm, dtype_of, partitioned, rotary
+from lmu_jax.models import Family, transformer
+from lmu_jax.models.layers import CausalSelfAttention, Dense, Embedder, Norm, dtype_of, rotary
 
 TOPOLOGIES = ("bottom_up", "top_down", "retina")
 
@@ -148,27 +147,15 @@ def retina_mask(length: int, spans: tuple[int, ...], factor: int) -> np.ndarray:
 # Blocks
 
 
-class MultiscaleAttention(nn.Module):
+class MultiscaleAttention(CausalSelfAttention):
     """Causal self-attention with rotary positions; a span (sliding window) or the retina key set."""
 
-    n_heads: int
-    n_layers: int = 1
     span: int = 0  # keys (i − span, i]; 0 = all of the past
     retina_spans: tuple[int, ...] = ()  # retina: levels of pooled keys (see retina_mask)
     pool_factor: int = 4
-    dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
-    def __call__(self, x):
-        batch, length, d_model = x.shape
-        head_dim = d_model // self.n_heads
-
-        def project(name):
-            return nn.DenseGeneral((self.n_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
-                                   kernel_init=partitioned(DEFAULT_INIT, ("embed", "heads", "kv")),
-                                   bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))(x)
-
-        q, k, v = project("query"), project("key"), project("value")  # (batch, time, heads, head_dim)
+    def attend(self, q, k, v):
+        batch, length, n_heads, head_dim = q.shape
         positions = jnp.arange(length)
         q = rotary(q, positions)
         if self.retina_spans:
@@ -178,32 +165,25 @@ class MultiscaleAttention(nn.Module):
                 pooled_k = aligned_pool_blocks(k.reshape(batch, length, -1), size).mean(axis=2)
                 pooled_v = aligned_pool_blocks(v.reshape(batch, length, -1), size).mean(axis=2)
                 block_ends = jnp.arange(pooled_k.shape[1]) * size + size - 1
-                keys.append(rotary(pooled_k.reshape(batch, -1, self.n_heads, head_dim), block_ends))
-                values.append(pooled_v.reshape(batch, -1, self.n_heads, head_dim))
+                keys.append(rotary(pooled_k.reshape(batch, -1, n_heads, head_dim), block_ends))
+                values.append(pooled_v.reshape(batch, -1, n_heads, head_dim))
             mask = jnp.asarray(retina_mask(length, self.retina_spans, self.pool_factor))[None, None]
-            out = jax.nn.dot_product_attention(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), mask=mask)
-        else:
-            window = (self.span - 1, 0) if 0 < self.span < length else None
-            out = jax.nn.dot_product_attention(q, rotary(k, positions), v, is_causal=True, local_window_size=window)
-        return nn.DenseGeneral(
-            d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
-            kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),
-                                    ("heads", "kv", "embed")),
-            bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-        )(out)
+            return jax.nn.dot_product_attention(q, jnp.concatenate(keys, 1), jnp.concatenate(values, 1), mask=mask)
+        window = (self.span - 1, 0) if 0 < self.span < length else None
+        return jax.nn.dot_product_attention(q, rotary(k, positions), v, is_causal=True, local_window_size=window)
 
 
-class Block(nn.Module):
+class Block(transformer.Block):
+    """The transformer's pre-norm block with ``MultiscaleAttention``."""
+
     cfg: MultiscaleConfig
     span: int = 0
 
-    @nn.compact
-    def __call__(self, x):
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
+    def attention(self, dtype):
+        cfg = self.cfg
         retina = tuple(cfg.retina_spans) if cfg.topology == "retina" else ()
-        x = x + MultiscaleAttention(cfg.n_heads, cfg.n_layers, self.span, retina, cfg.pool_factor, dtype,
-                                    name="attn")(Norm(dtype, name="norm_attn")(x))
-        return x + Mlp(cfg.ff_width, cfg.n_layers, dtype, name="mlp")(Norm(dtype, name="norm_mlp")(x))
+        return MultiscaleAttention(cfg.n_heads, n_layers=cfg.n_layers, span=self.span, retina_spans=retina,
+                                   pool_factor=cfg.pool_factor, dtype=dtype, name="attn")
 
 
 class MultiscaleLM(nn.Module):
@@ -254,11 +234,9 @@ class MultiscaleLM(nn.Module):
 def _block_flops(cfg: MultiscaleConfig, length: int, span: int) -> float:
     """Per position of a block on a sequence of `length`: projections, MLP and causal attention
     (span-limited: every query sees at most `span` keys)."""
-    d = cfg.d_model
-    matmuls = dense_flops(d, 3 * d) + dense_flops(d, d) + dense_flops(d, cfg.ff_width) + dense_flops(cfg.ff_width, d)
     if 0 < span < length:
-        return matmuls + attention_flops(d, span, causal=False)
-    return matmuls + attention_flops(d, length)
+        return transformer.block_flops(cfg, attention_flops(cfg.d_model, span, causal=False))
+    return transformer.block_flops(cfg, attention_flops(cfg.d_model, length))
 
 
 def scale_lengths(cfg: MultiscaleConfig, seq_len: int) -> list[int]:
@@ -275,8 +253,7 @@ def forward_flops_per_token(cfg: MultiscaleConfig, seq_len: int) -> float:
     d, k = cfg.d_model, cfg.pool_factor
     if cfg.topology == "retina":
         keys = seq_len + sum(-(-seq_len // k**level) for level in range(1, len(cfg.retina_spans)))
-        matmuls = dense_flops(d, 4 * d) + dense_flops(d, cfg.ff_width) + dense_flops(cfg.ff_width, d)
-        return cfg.n_layers * (matmuls + attention_flops(d, keys)) + dense_flops(d, cfg.vocab_size)
+        return cfg.n_layers * transformer.block_flops(cfg, attention_flops(d, keys)) + dense_flops(d, cfg.vocab_size)
     lengths, spans, total = scale_lengths(cfg, seq_len), cfg.spans(), 0.0
     for index, layers in enumerate(cfg.scale_layers):
         scale = min(index, len(cfg.scale_layers) - 1 - index)

@@ -46,15 +46,21 @@ class TransformerConfig(ModelConfig):
 
 
 class Block(nn.Module):
+    """Pre-norm: x + attention(norm(x)), then x + MLP(norm(x)). ``attention`` makes the attention
+    sublayer (named ``attn``); the multiscale family's blocks override it."""
+
     cfg: TransformerConfig
+
+    def attention(self, dtype):
+        cfg = self.cfg
+        return CausalSelfAttention(cfg.n_heads, rope=cfg.positions == "rope", n_layers=cfg.n_layers, dtype=dtype,
+                                   name="attn")
 
     @nn.compact
     def __call__(self, x):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        x = x + CausalSelfAttention(cfg.n_heads, rope=cfg.positions == "rope", n_layers=cfg.n_layers,
-                                    dtype=dtype, name="attn")(Norm(dtype, name="norm_attn")(x))
-        x = x + Mlp(cfg.ff_width, cfg.n_layers, dtype, name="mlp")(Norm(dtype, name="norm_mlp")(x))
-        return x
+        x = x + self.attention(dtype)(Norm(dtype, name="norm_attn")(x))
+        return x + Mlp(cfg.ff_width, cfg.n_layers, dtype, name="mlp")(Norm(dtype, name="norm_mlp")(x))
 
 
 class Transformer(nn.Module):
@@ -74,12 +80,18 @@ class Transformer(nn.Module):
         return embedder.logits(Norm(dtype, name="norm_out")(x))
 
 
+def block_flops(cfg, attention: float) -> float:
+    """One ``Block`` per token: the QKV and output projections and the MLP, plus ``attention``, the
+    score and value FLOPs of whatever keys the block attends (the multiscale family's blocks too)."""
+    d = cfg.d_model
+    return dense_flops(d, 3 * d) + dense_flops(d, d) + dense_flops(d, cfg.ff_width) + dense_flops(cfg.ff_width, d) \
+        + attention
+
+
 def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
     """Matmuls (QKV, output, MLP, unembedding) + causal attention; the embedding gather is free."""
     d = cfg.d_model
-    per_layer = dense_flops(d, 3 * d) + dense_flops(d, d) + dense_flops(d, cfg.ff_width) \
-        + dense_flops(cfg.ff_width, d) + attention_flops(d, seq_len)
-    return cfg.n_layers * per_layer + dense_flops(d, cfg.vocab_size)
+    return cfg.n_layers * block_flops(cfg, attention_flops(d, seq_len)) + dense_flops(d, cfg.vocab_size)
 
 
 FAMILIES = [
