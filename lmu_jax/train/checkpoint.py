@@ -105,17 +105,6 @@ def state_hash(state) -> int:
     return sum(int(h) for h in jax.device_get(partial)) % 2**32
 
 
-@jax.jit
-def _legacy_checksum(state) -> jax.Array:
-    """The hash of checkpoints written before ``state_hash`` (meta key ``checksum``); read-only support."""
-    total = jnp.uint32(0)
-    for index, leaf in enumerate(jax.tree.leaves(state)):
-        bits = jax.lax.bitcast_convert_type(jnp.asarray(leaf, jnp.float32).reshape(-1), jnp.uint32)
-        weights = jnp.arange(1, bits.size + 1, dtype=jnp.uint32) * jnp.uint32(2654435761)
-        total = total * jnp.uint32(31) + jnp.uint32(index + 1) + jnp.sum(bits * weights, dtype=jnp.uint32)
-    return total
-
-
 def _before_commit() -> None:
     """Runs in orbax's write thread once a checkpoint's files are written, just before its commit."""
     delay = float(os.environ.get(DELAY_ENV) or 0)
@@ -286,10 +275,7 @@ class Checkpointer:
         if not distributed.all_processes(error is None):
             raise error or RuntimeError("the checkpoint failed to restore on another process")
         state, meta = restored["state"], restored["meta"]
-        if "state_hash" in meta:
-            got, stored = state_hash(state), meta["state_hash"]
-        else:
-            got, stored = int(jax.device_get(_legacy_checksum(state))), meta.get("checksum")
+        got, stored = state_hash(state), meta.get("state_hash")  # none stored: unverifiable, refused
         if got != stored or (expected_hash is not None and stored != expected_hash):
             raise ValueError(f"state hash {got} does not match {stored} stored with step {step}")
         return state, meta
