@@ -78,7 +78,7 @@ def _time_interleaved(fns: dict, args, min_reps: int, budget_s: float) -> dict:
 
 
 def time_point(n: int, order: int, form: str, min_reps: int, budget_s: float) -> dict:
-    theta = float(n)  # the spec's default theta = n; speed does not depend on theta
+    theta = float(n)  # the model's default theta = n; speed does not depend on theta
     rng = np.random.default_rng(0)
     u = jnp.asarray(rng.standard_normal((BATCH, n, CHANNELS)), jnp.float32)
     r = reduced_width(order)

@@ -164,7 +164,7 @@ def test_analytic_flops_match_xla():
                     initial_state(cfg, batch))
     analytic = forward_flops_per_token(cfg, seg_len) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
-    assert qrnn_flops_per_token(cfg, 2) == 2 * 2 * 128 * 3 * 128  # spec: 2·k·d_in·3·d_h
+    assert qrnn_flops_per_token(cfg, 2) == 2 * 2 * 128 * 3 * 128  # 2·k·d_in·3·d_h (docs/flops.md)
 
 
 def test_a_few_train_steps_lower_the_loss():

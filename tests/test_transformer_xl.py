@@ -290,7 +290,7 @@ def test_parameter_counts_match_the_papers(name):
 
 
 def test_24_layer_total_includes_the_byte_embedding():
-    """The spec's 277.0 M is the layer count; with the 204-symbol embedding and output bias the total is
+    """The reference's 277.0 M is the layer count; with the 204-symbol embedding and output bias the total is
     277.23 M (stated here so nobody 'fixes' one into the other)."""
     cfg = PAPER_CONFIGS["enwik8 24L"][0]
     assert param_counts(cfg)["total"] == 277_231_820

@@ -113,7 +113,7 @@ class Evaluator:
                   "bits_per_byte": nats / math.log(2) / len(text), "perplexity": math.exp(loss)}
         if self.memory:
             result.update(streams=self.split_batch, segment_length=self.length)
-            if hasattr(self.model_cfg, "memory_length"):  # Transformer-XL's keys, stated as the spec asks
+            if hasattr(self.model_cfg, "memory_length"):  # the result states its evaluation context
                 result.update(memory_length=self.model_cfg.memory_length(evaluation=True),
                               clamp_len=self.model_cfg.clamp_len, same_length=self.model_cfg.same_length)
         else:
