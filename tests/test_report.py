@@ -186,3 +186,40 @@ def test_report_of_empty_or_missing_dir_is_one_line_error(tmp_path):
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "no such directory" in done.stderr
     np.testing.assert_equal(done.stdout, "")
+
+
+def test_fits_carry_identification_and_unidentified_laws_are_not_drawn(synthetic_sweep, report):
+    fits, markdown = report["fits"], report["markdown"].read_text()
+    assert "| identified |" in markdown
+    for entry in fits["L(N)"]:  # 4 sizes for 3 constants: too few points per constant
+        assert not entry["fit"].identified
+        assert any("fewer than 3 points per constant" in w for w in entry["fit"].warnings)
+    svg = (synthetic_sweep / "report" / "loss_vs_params.svg").read_text()
+    assert "not identified, so not drawn" in svg and "L(N), tokens=4e+06:" not in svg
+    assert "Not identified, so not drawn as laws" in markdown
+
+
+def test_report_has_isoflop_and_rollout_sections(synthetic_sweep, report):
+    fits, markdown = report["fits"], report["markdown"].read_text()
+    assert "## IsoFLOP analysis (Chinchilla Approach 2)" in markdown and "## Held-out prediction (rollout)" in markdown
+    assert [e["family"] for e in fits["isoflop"]] == ["transformer", "lmu"]
+    for entry in fits["isoflop"]:  # three FLOP budgets of 4 sizes each, the token budget is no profile
+        assert len(entry["fit"].budgets) == 3
+    assert {(e["family"], e["scope"]) for e in fits["rollout"]} == {
+        (f, h) for f in TRUTH for h in ("top-budget", "top-size")}
+    for entry in fits["rollout"]:  # exact losses from the law: the predictions are close
+        assert entry["fit"] is not None and np.all(np.abs(entry["fit"].error) < 0.05)
+    assert (synthetic_sweep / "report" / "isoflop.png").stat().st_size > 10_000
+
+
+def test_report_of_collected_results_without_run_directories(synthetic_sweep, tmp_path):
+    """experiments/results/ keeps results.csv and per_position.json, not the runs: the report still runs."""
+    for name in ("results.csv", "per_position.json", "spec.yaml"):
+        (tmp_path / name).write_text((synthetic_sweep / name).read_text())
+    grid = np.array(list(itertools.product([-1.0, 0.5], [2.0, 5.0], [2.0, 5.0], [0.5], [0.5])))
+    written = build_report(tmp_path, bootstrap=4, chinchilla_grid=grid)
+    markdown = written["markdown"].read_text()
+    assert "without the runs' directories" in markdown and "## Data efficiency" not in markdown
+    assert "loss_vs_tokens" not in written["figures"] and not (tmp_path / "report" / "loss_vs_tokens.png").exists()
+    assert "per_position" in written["figures"] and "## IsoFLOP analysis" in markdown
+    assert (tmp_path / "results.csv").read_text() == (synthetic_sweep / "results.csv").read_text()  # not rewritten

@@ -8,6 +8,7 @@ the mesh axes ``data``, ``fsdp``, ``tensor``.
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -44,15 +45,17 @@ class Dense(nn.Module):
 
 
 class Norm(nn.Module):
-    """Pre-norm LayerNorm, computed in float32."""
+    """LayerNorm computed in float32 (flax's epsilon and unit scale init unless a subclass says otherwise)."""
 
     dtype: jnp.dtype = jnp.float32
+    epsilon: float = 1e-6
+    scale_init: Callable = nn.initializers.ones
 
     @nn.compact
     def __call__(self, x):
         y = nn.LayerNorm(
-            dtype=jnp.float32, param_dtype=jnp.float32,
-            scale_init=partitioned(nn.initializers.ones, ("norm",)),
+            epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
+            scale_init=partitioned(self.scale_init, ("norm",)),
             bias_init=partitioned(nn.initializers.zeros, ("norm",)),
         )(x.astype(jnp.float32))
         return y.astype(self.dtype)

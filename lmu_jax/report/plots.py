@@ -6,7 +6,12 @@
 - ``loss_vs_params``: final validation loss against N with the fitted L(N) per family and budget, and
   beside it the LMU paper's published fits as reference *shapes* (nats per GPT-2 BPE token on OWT2,
   not comparable in level with our losses);
-- ``per_position``: validation loss by position in the context window (the LMU paper's Fig. 4).
+- ``per_position``: validation loss by position in the context window (the LMU paper's Fig. 4);
+- ``isoflop``: each budget's profile with its parabola and minimum, and N_opt(C) with the fitted line,
+  its band and Chinchilla's a ≈ 0.50 beside it.
+
+A fit that is not identified (``identified`` False) is never drawn as a law, and no fitted curve is
+drawn past ``EXTRAPOLATION`` times the range of the data it was fitted to.
 
 Every figure states the FLOP convention or the units it uses. Families keep one colour family across
 figures; darker shades are larger models.
@@ -24,6 +29,8 @@ import numpy as np  # noqa: E402
 from matplotlib import ticker  # noqa: E402
 
 from lmu_jax.report.runs import budgets_in_order  # noqa: E402
+
+EXTRAPOLATION = 2.0  # fitted curves are drawn from min/2 to max*2 of their own data, never further
 
 # SVG text stays text (searchable, selectable, smaller) rather than glyph outlines
 STYLE = {"svg.fonttype": "none"}
@@ -126,6 +133,7 @@ def loss_vs_tokens(results, out_dir) -> list[Path]:
 def loss_vs_flops(results, frontiers: dict, out_dir) -> list[Path]:
     """``frontiers``: family -> {"C": array, "loss": array, "fit": PowerLawFit | None}."""
     fig, ax = plt.subplots(figsize=(7.5, 5))
+    skipped = []
     for family, runs in _by_family(results).items():
         shades = size_shades(r.N for r in runs)
         for r in sorted(runs, key=lambda r: (r.N, r.D)):
@@ -139,10 +147,15 @@ def loss_vs_flops(results, frontiers: dict, out_dir) -> list[Path]:
         ax.plot(front["C"], front["loss"], "-", color=color, lw=2.2, marker="D", ms=5,
                 label=f"{label(family)} frontier")
         fit = front.get("fit")
-        if fit is not None:
-            span = np.geomspace(min(r.C for r in runs) / 2, max(r.C for r in runs) * 2, 100)
+        if fit is not None and not fit.identified:
+            skipped.append(f"{label(family)} L(C) frontier")
+        if fit is not None and fit.identified:
+            span = fit_span(front["C"])
             ax.plot(span, fit.predict(span), "--", color=color, lw=1.2,
                     label=f"{label(family)} fit: {_law_text(fit, 'C')}")
+    if skipped:
+        ax.text(0.02, 0.02, "not identified, so not drawn: " + ", ".join(skipped), transform=ax.transAxes,
+                fontsize=7, color="0.3")
     log_axes(ax)
     ax.set_xlabel("training FLOPs C (our convention)")
     ax.set_ylabel("loss (nats/token)")
@@ -165,15 +178,22 @@ def loss_vs_params(results, fits: list, out_dir) -> list[Path]:
             if points:
                 ax.plot([r.N for r in points], [r.val_loss for r in points], markers[budget] + "-",
                         color=family_color(family), ms=6, lw=0.6, label=f"{label(family)}, {budget}")
+    skipped = []
     for entry in fits:
         fit, color = entry["fit"], family_color(entry["family"], 1.0)
-        span = np.geomspace(min(entry["N"]) / 1.5, max(entry["N"]) * 1.5, 100)
+        if not fit.identified:
+            skipped.append(f"{label(entry['family'])} {entry['kind']}")
+            continue
+        span = fit_span(entry["N"])
         if hasattr(fit, "beta"):  # an L(N, D) fit: draw its data-unlimited limit E + A / N^alpha
             ax.plot(span, fit.E + fit.A * span**-fit.alpha, ":", color=color, lw=1.4,
                     label=f"{label(entry['family'])} L(N, D→∞): {_law_text(fit, 'N')}")
         else:
             ax.plot(span, fit.predict(span), "--", color=color, lw=1.2,
                     label=f"{label(entry['family'])} L(N), {entry['scope']}: {_law_text(fit, 'N')}")
+    if skipped:
+        ax.text(0.02, 0.98, "not identified, so not drawn:\n" + "\n".join(skipped), transform=ax.transAxes,
+                va="top", fontsize=7, color="0.3")
     log_axes(ax)
     ax.set_xlabel("non-embedding parameters N")
     ax.set_ylabel("final validation loss (nats/token)")
@@ -215,6 +235,77 @@ def per_position(results, out_dir) -> list[Path]:
     ax.set_title("Per-position loss (cf. LMU paper Fig. 4); bold: each family's largest model", fontsize=10)
     _legend(ax)
     return save(fig, out_dir, "per_position")
+
+
+def fit_span(x, points: int = 100) -> np.ndarray:
+    """Where a fitted curve may be drawn: its data's range widened by EXTRAPOLATION at each end."""
+    return np.geomspace(min(x) / EXTRAPOLATION, max(x) * EXTRAPOLATION, points)
+
+
+def isoflop(entries: list, out_dir) -> list[Path]:
+    """``entries``: dicts {family, fit (IsoflopFit)}. Left: profiles; right: N_opt(C)."""
+    from lmu_jax.scaling.isoflop import CHINCHILLA_A
+
+    fig, (ax, opt) = plt.subplots(1, 2, figsize=(12, 5))
+    drawn_optima = []
+    for entry in entries:
+        family, fit = entry["family"], entry["fit"]
+        shades = size_shades(b.C for b in fit.budgets)
+        for b in fit.budgets:
+            color = family_color(family, shades[b.C])
+            ax.plot(b.N, b.loss, "o", color=color, ms=5,
+                    label=f"{label(family)}, C = {b.C:.2g}" + ("" if b.bracketed else " (not bracketed)"))
+            span = np.geomspace(b.N.min(), b.N.max(), 100)  # the parabola is local: drawn over its ladder only
+            ax.plot(span, b.profile(span), "-" if b.bracketed else ":", color=color, lw=1.2)
+            if b.bracketed:
+                ax.plot([b.N_opt], [b.L_opt], "*", color=color, ms=13, mec="k", mew=0.6)
+        used = fit.used
+        if not used:
+            continue
+        C = np.array([b.C for b in used])
+        n_opt = np.array([b.N_opt for b in used])
+        color = family_color(family, 1.0)
+        errors = np.array([[n - b.ci.get("N_opt", (n, n))[0], b.ci.get("N_opt", (n, n))[1] - n]
+                           for n, b in zip(n_opt, used)]).T.clip(min=0)
+        opt.errorbar(C, n_opt, yerr=errors, fmt="*", color=color, ms=10, capsize=3,
+                     label=f"{label(family)}: N_opt per budget")
+        drawn_optima.append((C, n_opt))
+        span = fit_span(C)
+        if fit.identified:
+            lo, hi = fit.ci.get("a", (fit.a, fit.a))
+            pivot = float(np.exp(np.log(C).mean()))
+            centre = fit.N_opt(pivot)
+            opt.plot(span, fit.N_opt(span), "-", color=color, lw=1.6,
+                     label=f"{label(family)}: N_opt = {fit.G:.3g}·C^{fit.a:.3f}")
+            opt.fill_between(span, centre * (span / pivot) ** lo, centre * (span / pivot) ** hi, color=color,
+                             alpha=0.15, lw=0, label=f"a in [{lo:.3f}, {hi:.3f}]")
+        else:
+            opt.plot([], [], " ", label=f"{label(family)}: not identified, no line drawn")
+    if drawn_optima:
+        C = np.concatenate([c for c, _ in drawn_optima])
+        n_opt = np.concatenate([n for _, n in drawn_optima])
+        pivot, centre = np.exp(np.log(C).mean()), np.exp(np.log(n_opt).mean())
+        span = fit_span(C)
+        opt.plot(span, centre * (span / pivot) ** CHINCHILLA_A, "--", color="0.4", lw=1.2,
+                 label=f"slope a = {CHINCHILLA_A:.2f} (Chinchilla), for reference")
+        log_axes(opt)
+    else:
+        opt.text(0.5, 0.5, "No budget brackets its optimum:\nno N_opt to show (see the flags in the report)",
+                 ha="center", va="center", transform=opt.transAxes, fontsize=10)
+        opt.set_xticks([])
+        opt.set_yticks([])
+    log_axes(ax)
+    ax.set_xlabel("non-embedding parameters N")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title("IsoFLOP profiles: parabolas in log N (dotted: minimum not bracketed)\n"
+                 "stars: the minima that the ladder brackets", fontsize=9)
+    _legend(ax)
+    opt.set_xlabel("training FLOPs C (our convention)")
+    opt.set_ylabel("compute-optimal N")
+    opt.set_title("N_opt(C) from the bracketed budgets, with the fitted line and its band", fontsize=9)
+    if drawn_optima:
+        _legend(opt)
+    return save(fig, out_dir, "isoflop")
 
 
 def _law_text(fit, x: str) -> str:

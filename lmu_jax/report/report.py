@@ -9,7 +9,13 @@ points of docs/scaling.md, and the report lists the runs each fit used):
 - L(C) per family: the compute frontier (lower envelope of the best run per FLOP budget and the runs
   of token budgets) and a power law fitted to it, when the envelope has >= 3 points;
 - L(N, D) per family: ``fit_chinchilla`` when the family has >= 6 runs at several N and D; its
-  D -> infinity limit E + A/N^alpha is drawn on the L(N) figure.
+  D -> infinity limit E + A/N^alpha is drawn on the L(N) figure. The same law is refitted without the
+  largest budget's runs and without the largest size's, and predicts them (``scaling.rollout``);
+- isoFLOP analysis per family (``scaling.isoflop``): N_opt, D_opt, L_opt per FLOP budget with >= 3
+  sizes, and their power laws in C across the budgets whose minimum the ladder brackets.
+
+Every fit carries ``identified`` and ``warnings``; a fit that is not identified is labelled so and
+never drawn as a law, and no fitted curve is drawn past 2x the range of its data.
 
 Comparisons (``lmu_jax.scaling.compare``): loss at equal FLOPs per budget; data efficiency (the
 tokens one family needs to reach another's final loss at the same N: the LMU paper's "10x");
@@ -70,11 +76,13 @@ def fit_sweep(results, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None)
     10 s per family on one CPU core).
     """
     from lmu_jax.scaling.fit import fit_chinchilla, fit_power_law, frontier, lower_envelope
+    from lmu_jax.scaling.isoflop import fit_isoflop
+    from lmu_jax.scaling.rollout import HOLDOUTS
 
     by_family: dict = {}
     for r in results:
         by_family.setdefault(r.family, []).append(r)
-    l_of_n, l_of_c, l_of_nd, frontiers = [], [], [], {}
+    l_of_n, l_of_c, l_of_nd, frontiers, isoflops, rollouts = [], [], [], {}, [], []
     for family, runs in by_family.items():
         # L(N) at a fixed token budget (the LMU paper's setting). At a fixed FLOP budget the runs form an
         # isoFLOP profile, E + A/N^alpha + B (6N/C)^beta, which is no power law in N: not fitted.
@@ -111,7 +119,25 @@ def fit_sweep(results, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None)
                                                       bootstrap=bootstrap))
             entry["N"] = [r.N for r in runs]
             l_of_nd.append(entry)
-    return {"L(N)": l_of_n, "L(C)": l_of_c, "L(N, D)": l_of_nd, "frontiers": frontiers}
+            rollouts += [_rollout_entry(family, runs, holdout, bootstrap, chinchilla_grid) for holdout in HOLDOUTS]
+
+        profiles = [r for r in runs if r.row["budget_kind"] == "flops"]
+        if any(len({r.N for r in profiles if r.budget_key == b}) >= 3 for b in {r.budget_key for r in profiles}):
+            isoflops.append(_fit_entry("isoflop", family, "FLOP budgets", profiles, lambda: fit_isoflop(
+                [r.N for r in profiles], [r.D for r in profiles], [r.C for r in profiles],
+                [r.val_loss for r in profiles], budget=[r.budget_key for r in profiles], bootstrap=bootstrap)))
+    return {"L(N)": l_of_n, "L(C)": l_of_c, "L(N, D)": l_of_nd, "frontiers": frontiers, "isoflop": isoflops,
+            "rollout": rollouts}
+
+
+def _rollout_entry(family, runs, holdout, bootstrap, chinchilla_grid):
+    """L(N, D) fitted without the largest budget's (or size's) runs, predicting them."""
+    from lmu_jax.scaling.rollout import rollout
+
+    entry = _fit_entry(f"L(N, D), {holdout} held out", family, holdout, runs, lambda: rollout(
+        "chinchilla", [r.N for r in runs], [r.D for r in runs], [r.C for r in runs], [r.val_loss for r in runs],
+        holdout=holdout, bootstrap=max(bootstrap, 20), grid=chinchilla_grid))
+    return entry | {"N": [r.N for r in runs], "D": [r.D for r in runs]}
 
 
 # ------------------------------------------------------------------------------------ comparisons
@@ -119,6 +145,16 @@ def fit_sweep(results, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_grid=None)
 
 def _ladder_size(r):
     return r.row["size"] or r.N  # the ladder target, or N for runs collected without plan.json
+
+
+def _loss_at(r, c_star) -> float:
+    """A run's validation loss at C*, read off its curve; its final loss when that is all there is (a
+    directory of collected results without the runs: the budget's C differ only by step rounding)."""
+    from lmu_jax.scaling.compare import loss_at_compute
+
+    if len(r.eval_loss) < 2:
+        return r.val_loss
+    return float(loss_at_compute(r.eval_flops, r.eval_loss, [c_star])[0])
 
 
 def equal_flops_table(results) -> list[dict]:
@@ -135,7 +171,7 @@ def equal_flops_table(results) -> list[dict]:
     for budget in budgets_in_order(results):
         runs = [r for r in results if r.budget_key == budget]
         c_star = min(r.C for r in runs)
-        at_c = {id(r): float(loss_at_compute(r.eval_flops, r.eval_loss, [c_star])[0]) for r in runs}
+        at_c = {id(r): _loss_at(r, c_star) for r in runs}
         for size in sorted({_ladder_size(r) for r in runs}):
             row = {"budget": budget, "C": c_star, "size": size, "loss": {}, "N": {}}
             for r in runs:
@@ -198,7 +234,8 @@ def _pm(fit, name) -> str:
 
 
 def fit_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["fit", "family", "points", "E", "A", "alpha", "B", "beta", "converged", "objective", "runs used"]
+    header = ["fit", "family", "points", "E", "A", "alpha", "B", "beta", "converged", "objective", "identified",
+              "runs used"]
     rows = []
     for kind in ("L(N)", "L(C)", "L(N, D)"):
         for entry in fits[kind]:
@@ -206,12 +243,76 @@ def fit_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
             used = f"{len(entry['run_ids'])} ({entry['scope']}): " + ", ".join(entry["run_ids"])
             if fit is None:
                 rows.append([entry["kind"], entry["family"], str(len(entry["run_ids"])), "not fitted: " + entry["reason"],
-                             "", "", "", "", "", "", used])
+                             "", "", "", "", "", "", "", used])
                 continue
             chinchilla = hasattr(fit, "beta")
             rows.append([entry["kind"], entry["family"], str(fit.n_points), _pm(fit, "E"), _pm(fit, "A"),
                          _pm(fit, "alpha"), _pm(fit, "B") if chinchilla else "", _pm(fit, "beta") if chinchilla else "",
-                         "yes" if fit.converged else f"NO ({fit.message})", f"{fit.objective:.3g}", used])
+                         "yes" if fit.converged else f"NO ({fit.message})", f"{fit.objective:.3g}",
+                         "yes" if fit.identified else "not identified: " + " ".join(fit.warnings), used])
+    return header, rows
+
+
+def not_identified_text(fits: dict) -> str:
+    """One sentence per fit that is not identified, with its first reason; "" when every fit is."""
+    failed = [entry for kind in ("L(N)", "L(C)", "L(N, D)", "isoflop") for entry in fits.get(kind, [])
+              if entry["fit"] is not None and not entry["fit"].identified]
+    if not failed:
+        return ""
+    reasons = " ".join(f"{plots.label(e['family'])} {e['kind']}: {e['fit'].warnings[0]}" for e in failed)
+    return (f"Not identified, so not drawn as laws in any figure ({len(failed)} fits; the table gives every "
+            f"reason): {reasons}")
+
+
+def _interval(ci, name) -> str:
+    lo, hi = ci.get(name, (math.nan, math.nan))
+    return f" [{lo:.3g}, {hi:.3g}]" if math.isfinite(lo) else ""
+
+
+def isoflop_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["family", "C", "sizes", "runs", "N_opt [interval]", "D_opt [interval]", "L_opt [interval]",
+              "in the exponents"]
+    rows = []
+    for entry in fits["isoflop"]:
+        if entry["fit"] is None:
+            rows.append([plots.label(entry["family"]), "not fitted: " + entry["reason"], "", "", "", "", "", ""])
+            continue
+        for b in entry["fit"].budgets:  # an unbracketed minimum is an extrapolation: not shown
+            optima = ([f"{_fmt(b.N_opt, 3)}{_interval(b.ci, 'N_opt')}", f"{_fmt(b.D_opt, 3)}{_interval(b.ci, 'D_opt')}",
+                       f"{_fmt(b.L_opt)}{_interval(b.ci, 'L_opt')}"] if b.bracketed else ["–"] * 3)
+            rows.append([plots.label(entry["family"]), f"{b.C:.3g}", str(len(set(b.N.tolist()))), str(len(b.N)),
+                         *optima, "yes" if b.bracketed else "no: " + b.flag])
+    return header, rows
+
+
+def isoflop_exponent_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["family", "budgets used", "a (N_opt ∝ C^a)", "b (D_opt ∝ C^b)", "gamma (L_opt ∝ C^-gamma)", "identified"]
+    rows = []
+    for entry in fits["isoflop"]:
+        fit = entry["fit"]
+        if fit is None:
+            continue
+        rows.append([plots.label(entry["family"]), f"{len(fit.used)} of {len(fit.budgets)}",
+                     f"{_fmt(fit.a)}{_interval(fit.ci, 'a')}", f"{_fmt(fit.b)}{_interval(fit.ci, 'b')}",
+                     f"{_fmt(fit.gamma)}{_interval(fit.ci, 'gamma')}",
+                     "yes" if fit.identified else "not identified: " + " ".join(fit.warnings)])
+    return header, rows
+
+
+def rollout_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
+    header = ["family", "held out", "fitted on", "run", "N", "D", "measured", "predicted", "interval", "error",
+              "inside", "fit identified"]
+    rows = []
+    for entry in fits["rollout"]:
+        result, family = entry["fit"], plots.label(entry["family"])
+        if result is None:
+            rows.append([family, entry["scope"], "not fitted: " + entry["reason"]] + [""] * 9)
+            continue
+        for k, i in enumerate(result.held):
+            rows.append([family, result.holdout, f"{result.fit.n_points} runs", entry["run_ids"][i], _fmt(entry["N"][i]),
+                         _fmt(entry["D"][i], 3), f"{result.measured[k]:.4f}", f"{result.predicted[k]:.4f}",
+                         f"[{result.lo[k]:.4f}, {result.hi[k]:.4f}]", f"{100 * result.error[k]:+.1f} %",
+                         "yes" if result.inside[k] else "NO", "yes" if result.fit.identified else "no"])
     return header, rows
 
 
@@ -286,13 +387,17 @@ def build_report(sweep_dir, *, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_gr
     families = list(dict.fromkeys(r.family for r in sorted(results, key=lambda r: _family_order(spec, r.family))))
     fits = fit_sweep(results, bootstrap=bootstrap, chinchilla_grid=chinchilla_grid)
     figures = {
-        "loss_vs_tokens": plots.loss_vs_tokens(results, local),
         "loss_vs_flops": plots.loss_vs_flops(results, fits["frontiers"], local),
         "loss_vs_params": plots.loss_vs_params(results, [e for e in fits["L(N)"] + fits["L(N, D)"]
                                                          if e["fit"] is not None], local),
-        "per_position": plots.per_position(results, local),
     }
-    sections = build_sections(spec, results, collected, fits, families, bootstrap)
+    if collected["curves"]:
+        figures["loss_vs_tokens"] = plots.loss_vs_tokens(results, local)
+    if all(r.per_position_loss.size for r in results):
+        figures["per_position"] = plots.per_position(results, local)
+    if any(e["fit"] is not None for e in fits["isoflop"]):
+        figures["isoflop"] = plots.isoflop([e for e in fits["isoflop"] if e["fit"] is not None], local)
+    sections = build_sections(spec, results, collected, fits, families, bootstrap, figures)
     (local / "report.md").write_text(render_markdown(sections))
     (local / "report.html").write_text(render_html(sections, spec.get("name", sweep_dir.name)))
     if local != out:
@@ -307,12 +412,12 @@ def _family_order(spec, family):
     return order.index(family) if family in order else len(order)
 
 
-def build_sections(spec, results, collected, fits, families, bootstrap) -> list[tuple]:
+def build_sections(spec, results, collected, fits, families, bootstrap, figures) -> list[tuple]:
     """The report as a list of (kind, payload): ("h", title), ("p", text), ("table", (header, rows)),
     ("figure", (stem, caption)); rendered to markdown and HTML by the functions below."""
     first = results[0].row
     data = (spec.get("base") or {}).get("data") or {}
-    s = [("h1", f"Sweep report: {spec.get('name', '')}".strip())]
+    s = [("h1", f"Sweep report: {spec.get('name') or collected['sweep_dir'].name}")]
     if spec.get("description"):
         s.append(("p", spec["description"]))
     s.append(("p", f"{len(results)} finished runs of {', '.join(plots.label(f) for f in families)}; "
@@ -322,6 +427,12 @@ def build_sections(spec, results, collected, fits, families, bootstrap) -> list[
                    f"Written {time.strftime('%Y-%m-%d %H:%M')}."))
     if collected["missing"]:
         s.append(("p", f"Not finished (left out of everything below): {', '.join(collected['missing'])}."))
+    if not collected["curves"]:
+        s.append(("p", "This directory holds the collected results (results.csv, per_position.json) without the "
+                       "runs' directories, so each run is known by its final evaluation only: the loss-vs-tokens "
+                       "figure and the data-efficiency table, which read the curves, are left out, and the "
+                       "equal-FLOPs table gives final losses (the runs of a budget differ in C only by the "
+                       "rounding of steps)."))
     s.append(("h2", "Conventions"))
     s.append(("p", "FLOPs (C): " + plots.FLOP_CONVENTION + ". C_6N is Kaplan's 6·N·D, given beside it. "
                    "Runs of one budget were planned at matched C (their C differ only by the rounding of steps). "
@@ -331,7 +442,7 @@ def build_sections(spec, results, collected, fits, families, bootstrap) -> list[
     s.append(("h2", "Runs"))
     s.append(("table", runs_rows(results)))
     s.append(("p", "The same table, unrounded: results.csv in the sweep directory (per-position losses: "
-                   "per_position.json); `lmu-jax fit <sweep dir>/results.csv --law chinchilla|frontier|kaplan-n` "
+                   "per_position.json); `lmu-jax fit <sweep dir>/results.csv --law chinchilla|frontier|kaplan-n|isoflop` "
                    "refits it."))
     s.append(("h2", "Loss at equal FLOPs"))
     s.append(("p", "Validation loss of each family at the same training FLOPs C*, per ladder size (each family's "
@@ -339,6 +450,36 @@ def build_sections(spec, results, collected, fits, families, bootstrap) -> list[
                    "rounding of steps; C* is the smallest of them and each run's validation curve is read there "
                    "(log-log interpolation, lmu_jax.scaling.compare.loss_at_compute)."))
     s.append(("table", equal_flops_rows(equal_flops_table(results), families)))
+    if collected["curves"]:
+        s += data_efficiency_sections(results)
+    s += fit_sections(fits, bootstrap)
+    s.append(("h2", "Figures"))
+    for stem, caption in FIGURES:
+        if stem in figures:
+            s.append(("figure", (stem, caption)))
+    s.append(("h2", "Published reference fits (LMU paper, Sec. 5)"))
+    s.append(("p", "Chilkuri et al. 2021 fitted L(N) on OpenWebText2 with the GPT-2 BPE vocabulary (50,257 tokens), "
+                   "sequence 1024, 25k steps of 512 sequences; the transformer and LSTM curves are Kaplan et al.'s "
+                   "WebText2 fits. Their losses are nats per BPE token: reference shapes, not comparable in level "
+                   "with this sweep's byte-level losses. Values at this sweep's N and the paper's range:"))
+    s.append(("table", reference_rows(results)))
+    return s
+
+
+FIGURES = (
+    ("loss_vs_tokens", "Loss vs training tokens per family and size (log-log)."),
+    ("loss_vs_flops", "Loss vs training FLOPs: curves, final points, each family's frontier and its fitted law "
+                      "(drawn only when identified)."),
+    ("loss_vs_params", "L(N): final validation loss vs non-embedding parameters with the identified fits; right: "
+                       "the LMU paper's published fits, reference shapes only."),
+    ("isoflop", "IsoFLOP profiles with their parabolas and minima; N_opt(C) with the fitted line, its band and "
+                "Chinchilla's a ≈ 0.50 for reference."),
+    ("per_position", "Validation loss by position in the context (LMU paper Fig. 4)."),
+)
+
+
+def data_efficiency_sections(results) -> list[tuple]:
+    s = []
     s.append(("h2", "Data efficiency"))
     s.append(("p", "Tokens family X needed to reach family Y's final validation loss at the same ladder size and "
                    "budget, read off X's validation curve (evaluations during training, log-log interpolation; "
@@ -348,31 +489,47 @@ def build_sections(spec, results, collected, fits, families, bootstrap) -> list[
                    "end of a run are not horizon-matched (the learning rate has not decayed yet), so a ratio read "
                    "there understates X's efficiency. Where no ratio can be read, the table says why."))
     s.append(("table", efficiency_rows(data_efficiency_table(results))))
-    s.append(("h2", "Fits"))
+    return s
+
+
+def fit_sections(fits, bootstrap) -> list[tuple]:
+    """Fits, their identification, the isoFLOP analysis and the held-out predictions."""
+    s = [("h2", "Fits")]
     s.append(("p", f"Huber (δ = 1e-3) on log residuals, summed, L-BFGS-B from a grid, polished and restarted "
                    f"(lmu_jax.scaling.fit); ± is the bootstrap standard error over runs ({bootstrap} resamples). "
-                   "Only final losses of horizon-matched runs are used; the last column lists them. With as few "
-                   "points as a small sweep has, the constants are descriptive, not predictions."))
+                   "Only final losses of horizon-matched runs are used; the last column lists them. A fit is "
+                   "identified when its data pin its constants down: it converged, has at least 3 points per "
+                   "constant, its grid starts agree, E neither ran to zero nor sits at the smallest loss, no "
+                   "exponent sits at its bound, and no bootstrap interval reaches zero or is wider than its value "
+                   "(docs/scaling.md). Only identified fits are drawn, and no further than 2× beyond their data."))
     header, rows = fit_rows(fits)
     if rows:
         s.append(("table", (header, rows)))
+        text = not_identified_text(fits)
+        if text:
+            s.append(("p", text))
     else:
         s.append(("p", "No fits: no family has 3 sizes at one token budget (L(N)), 3 compute-frontier points "
                        "from several budgets (L(C)) or 6 runs at several N and D (L(N, D)). A single FLOP "
                        "budget gives an isoFLOP profile per family, compared above and drawn in the L(N) figure."))
-    s.append(("h2", "Figures"))
-    s.append(("figure", ("loss_vs_tokens", "Loss vs training tokens per family and size (log-log).")))
-    s.append(("figure", ("loss_vs_flops", "Loss vs training FLOPs: curves, final points, each family's frontier "
-                                          "and its fitted law.")))
-    s.append(("figure", ("loss_vs_params", "L(N): final validation loss vs non-embedding parameters with fits; "
-                                           "right: the LMU paper's published fits, reference shapes only.")))
-    s.append(("figure", ("per_position", "Validation loss by position in the context (LMU paper Fig. 4).")))
-    s.append(("h2", "Published reference fits (LMU paper, Sec. 5)"))
-    s.append(("p", "Chilkuri et al. 2021 fitted L(N) on OpenWebText2 with the GPT-2 BPE vocabulary (50,257 tokens), "
-                   "sequence 1024, 25k steps of 512 sequences; the transformer and LSTM curves are Kaplan et al.'s "
-                   "WebText2 fits. Their losses are nats per BPE token: reference shapes, not comparable in level "
-                   "with this sweep's byte-level losses. Values at this sweep's N and the paper's range:"))
-    s.append(("table", reference_rows(results)))
+    if fits["isoflop"]:
+        s.append(("h2", "IsoFLOP analysis (Chinchilla Approach 2)"))
+        s.append(("p", "Per FLOP budget with at least 3 sizes, a robust parabola (Huber) of final loss in log N, and "
+                       "one in log D, gives N_opt, D_opt and L_opt at its minimum; intervals are bootstrap "
+                       f"percentiles over the budget's runs ({bootstrap} resamples). A budget whose minimum the "
+                       "ladder does not bracket is left out of the exponents and says what sizes to add. Across the "
+                       "remaining budgets N_opt = G·C^a, D_opt = G'·C^b and L_opt = K·C^-gamma (Chinchilla: "
+                       "a ≈ 0.50, b ≈ 0.50)."))
+        s.append(("table", isoflop_rows(fits)))
+        s.append(("table", isoflop_exponent_rows(fits)))
+    if fits["rollout"]:
+        s.append(("h2", "Held-out prediction (rollout)"))
+        s.append(("p", "L(N, D) refitted without the largest FLOP budget's runs (top-budget) or the largest size's "
+                       "(top-size), then each held-out run predicted. The interval adds the bootstrap refits' "
+                       "spread and the fit's residual scatter (lmu_jax.scaling.rollout); about 95 % of held-out "
+                       "runs should fall inside it when the law holds. A prediction from a fit that is not "
+                       "identified is an extrapolation of constants the data did not fix."))
+        s.append(("table", rollout_rows(fits)))
     return s
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import csv
+import io
+import json
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +61,49 @@ def budgets_in_order(runs) -> list[str]:
     return sorted(order, key=order.get)
 
 
+TEXT_COLUMNS = {"run_id", "family", "budget_kind", "schedule", "split_protocol", "curve", "run_dir", "branch_from"}
+
+
+def _cell(text: str):
+    """A results.csv cell as the number collect wrote (int, else float), or the text itself."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text
+
+
+def read_collected(sweep_dir) -> dict:
+    """A collected sweep without its run directories (results committed to experiments/results/):
+    rows from results.csv, per-position losses from per_position.json when present, no curves."""
+    text = (sweep_dir / "results.csv").read_text()
+    rows = [{key: value if key in TEXT_COLUMNS else _cell(value) for key, value in row.items()}
+            for row in csv.DictReader(io.StringIO(text))]
+    per_position = {}
+    if (sweep_dir / "per_position.json").exists():
+        per_position = json.loads((sweep_dir / "per_position.json").read_text())
+    return {"rows": rows, "per_position": per_position, "missing": [], "sweep_dir": sweep_dir, "curves": False}
+
+
 def load_results(sweep_dir) -> tuple[list[RunResult], dict]:
-    """Collect the sweep (writing results.csv / per_position.json) and load every finished run's curves."""
-    collected = collect(sweep_dir)
+    """Collect the sweep (writing results.csv / per_position.json) and load every finished run's curves.
+
+    A directory with results.csv but no runs/ (a collected sweep committed without its runs) is read
+    as it is: each run's validation curve is its final evaluation only, and ``collected["curves"]``
+    is False so the report leaves out what needs the curves.
+    """
+    if not (sweep_dir / "runs").is_dir() and (sweep_dir / "results.csv").exists():
+        collected = read_collected(sweep_dir)
+        empty = np.array([], dtype=float)
+        results = [RunResult(row=row, tokens=empty, flops=empty, train_loss=empty,
+                             eval_tokens=np.array([row["D"]], dtype=float),
+                             eval_loss=np.array([row["val_loss"]], dtype=float),
+                             per_position_loss=np.array(collected["per_position"].get(row["run_id"], {}).get(
+                                 "per_position_loss", []), dtype=float))
+                   for row in collected["rows"]]
+        return results, collected
+    collected = collect(sweep_dir) | {"curves": True}
     results = []
     for row in collected["rows"]:
         records = read_metrics(collected["sweep_dir"] / row["curve"])

@@ -517,7 +517,7 @@ MAX_UNCONVERGED_SHARE = 0.1  # bootstrap refits that may fail to converge before
 
 
 def _interval_text(ci_level, name, lo, hi) -> str:
-    return f"the {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}],"
+    return f"The {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}],"
 
 
 def identifiability(point, samples, *, free, terms, ci_level, n_points, optimum, min_loss, unconverged,
@@ -534,14 +534,6 @@ def identifiability(point, samples, *, free, terms, ci_level, n_points, optimum,
     warnings = []
     if not optimum.converged:
         warnings.append(f"The optimiser did not converge ({optimum.message}).")
-    if n_points < POINTS_PER_CONSTANT * len(free):
-        warnings.append(f"{n_points} points for {len(free)} free constants: fewer than {POINTS_PER_CONSTANT} "
-                        "points per constant cannot pin them down.")
-    if optimum.n_starts > 1 and optimum.n_starts_agree < 2:
-        warnings.append(f"Only 1 of {optimum.n_starts} starts reached the optimum: restarts disagree, so "
-                        "another minimum may fit as well.")
-    if bootstrap and unconverged > MAX_UNCONVERGED_SHARE * bootstrap:
-        warnings.append(f"{unconverged} of {bootstrap} bootstrap refits did not converge.")
     if "E" in free:
         if point["E"] < NEAR_ZERO * min_loss:
             warnings.append(f"E = {point['E']:.3g} ran to zero (below {100 * NEAR_ZERO:g} % of the smallest loss, "
@@ -555,6 +547,14 @@ def identifiability(point, samples, *, free, terms, ci_level, n_points, optimum,
         for bound in ALPHA_BOUNDS:
             if abs(point[name] - bound) <= BOUND_RTOL * bound + 1e-9:
                 warnings.append(f"{name} = {point[name]:.4g} sits at its bound {bound:g}.")
+    if n_points < POINTS_PER_CONSTANT * len(free):
+        warnings.append(f"{n_points} points for {len(free)} free constants: fewer than {POINTS_PER_CONSTANT} "
+                        "points per constant cannot pin them down.")
+    if optimum.n_starts > 1 and optimum.n_starts_agree < 2:
+        warnings.append(f"Only 1 of {optimum.n_starts} starts reached the optimum: restarts disagree, so "
+                        "another minimum may fit as well.")
+    if bootstrap and unconverged > MAX_UNCONVERGED_SHARE * bootstrap:
+        warnings.append(f"{unconverged} of {bootstrap} bootstrap refits did not converge.")
     if not samples:
         return warnings
     tail = 100 * (1 - ci_level) / 2

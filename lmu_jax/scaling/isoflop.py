@@ -256,10 +256,10 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
             if not math.isfinite(lo):
                 warnings.append(f"{name} has no bootstrap interval.")
             elif lo <= 0 <= hi:
-                warnings.append(f"the {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}], "
+                warnings.append(f"The {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}], "
                                 "contains zero.")
             elif hi - lo > abs(value):
-                warnings.append(f"the {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}], "
+                warnings.append(f"The {100 * ci_level:.0f} % bootstrap interval of {name}, [{lo:.3g}, {hi:.3g}], "
                                 f"is wider than its value {value:.3g}.")
     return IsoflopFit(
         budgets=tuple(budgets),
