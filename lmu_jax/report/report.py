@@ -421,8 +421,9 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
     if spec.get("description"):
         s.append(("p", spec["description"]))
     s.append(("p", f"{len(results)} finished runs of {', '.join(plots.label(f) for f in families)}; "
-                   f"corpus {data.get('corpus', 'default')}, tokenizer {data.get('tokenizer', 'byte')}, "
-                   f"sequence length {first['seq_len']}, batch {first['batch_size']} sequences, "
+                   + (f"corpus {data.get('corpus', 'default')}, tokenizer {data.get('tokenizer', 'byte')}, " if spec
+                      else "corpus and tokenizer as in the sweep's spec (no spec.yaml in this directory), ")
+                   + f"sequence length {first['seq_len']}, batch {first['batch_size']} sequences, "
                    f"schedule {first['schedule']} ending at each run's own horizon. "
                    f"Written {time.strftime('%Y-%m-%d %H:%M')}."))
     if collected["missing"]:
