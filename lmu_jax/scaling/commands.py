@@ -283,7 +283,7 @@ def _isoflop_lines(result) -> list[str]:
     for b in iso["budgets"]:
         place = "bracketed" if b["bracketed"] else "NOT bracketed, left out of the exponents"
         lines.append(f"  C = {b['C']:.3g}: {b['sizes']} sizes, {b['runs']} runs, {place}")
-        if math.isfinite(b["N_opt"]):
+        if b["bracketed"]:  # an unbracketed minimum is an extrapolation: only its flag is printed
             lines.append(f"    N_opt = {b['N_opt']:.4g}{_interval(b['ci'], 'N_opt')}, D_opt = {b['D_opt']:.4g}"
                          f"{_interval(b['ci'], 'D_opt')}, L_opt = {b['L_opt']:.4f}{_interval(b['ci'], 'L_opt')}")
         if b["flag"]:
