@@ -27,7 +27,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +35,7 @@ from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import attention_flops, dense_flops
 from lmu_jax.models import Family, transformer
-from lmu_jax.models.layers import CausalSelfAttention, Dense, Embedder, Norm, dtype_of, rotary
+from lmu_jax.models.layers import CausalSelfAttention, Dense, dtype_of, rotary
 
 TOPOLOGIES = ("bottom_up", "top_down", "retina")
 
@@ -186,20 +185,17 @@ class Block(transformer.Block):
                                    pool_factor=cfg.pool_factor, dtype=dtype, name="attn")
 
 
-class MultiscaleLM(nn.Module):
+class MultiscaleLM(transformer.Transformer):
+    """The transformer LM with the retina layers or the hourglass as its trunk."""
+
     cfg: MultiscaleConfig
 
-    @nn.compact
-    def __call__(self, tokens, *, train: bool = False):
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        embedder = Embedder(cfg.vocab_size, cfg.d_model, cfg.tie_embeddings, dtype, name="embed")
-        x = embedder.embed(tokens)
-        if cfg.topology == "retina":
-            for i in range(cfg.n_layers):
-                x = Block(cfg, name=f"block_{i}")(x)
-        else:
-            x = self.hourglass(x, 0)
-        return embedder.logits(Norm(dtype, name="norm_out")(x))
+    def trunk(self, x):
+        if self.cfg.topology != "retina":
+            return self.hourglass(x, 0)
+        for i in range(self.cfg.n_layers):
+            x = Block(self.cfg, name=f"block_{i}")(x)
+        return x
 
     def hourglass(self, h, scale: int):
         """Layers at `scale`; above the coarsest: pool -> coarser scales -> upsample + residual -> layers."""

@@ -64,20 +64,26 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    """Embedding -> ``trunk`` -> final norm -> output projection. ``trunk`` is what the multiscale family
+    overrides (its hourglass or retina layers)."""
+
     cfg: TransformerConfig
+
+    def trunk(self, x):
+        cfg = self.cfg
+        if cfg.positions == "learned":
+            table = self.param("pos_embedding", partitioned(DEFAULT_INIT, ("position", "embed")),
+                               (cfg.max_len, cfg.d_model), jnp.float32)
+            x = x + table[: x.shape[1]].astype(x.dtype)
+        for i in range(cfg.n_layers):
+            x = Block(cfg, name=f"block_{i}")(x)
+        return x
 
     @nn.compact
     def __call__(self, tokens, *, train: bool = False):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         embedder = Embedder(cfg.vocab_size, cfg.d_model, cfg.tie_embeddings, dtype, name="embed")
-        x = embedder.embed(tokens)
-        if cfg.positions == "learned":
-            table = self.param("pos_embedding", partitioned(DEFAULT_INIT, ("position", "embed")),
-                               (cfg.max_len, cfg.d_model), jnp.float32)
-            x = x + table[: tokens.shape[1]].astype(dtype)
-        for i in range(cfg.n_layers):
-            x = Block(cfg, name=f"block_{i}")(x)
-        return embedder.logits(Norm(dtype, name="norm_out")(x))
+        return embedder.logits(Norm(dtype, name="norm_out")(self.trunk(embedder.embed(tokens))))
 
 
 def block_flops(cfg, attention: float) -> float:
