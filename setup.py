@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "etils[epath]",
         "threadpoolctl",
+        "psutil",  # the host's available memory (lmu_jax/train/memory_check.py)
     ],
     extras_require={
         "tfds": ["tensorflow-datasets>=4.9", "array-record"],

@@ -145,27 +145,30 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path, kjv_cache):
         np.testing.assert_array_equal(a, b)
 
 
-def test_sigterm_while_restoring_stops_after_one_step_with_a_checkpoint(tmp_path, kjv_cache, monkeypatch):
-    """A preemption can come before the first step (restoring, compiling): the handler is already in
-    place, so the run takes one step, saves it and says so, instead of dying to the default SIGTERM."""
-    cfg = make_cfg(kjv_cache, train={"steps": 8}, checkpoint={"every": 0})
-    restore = Checkpointer.restore_latest
-
-    def restore_then_sigterm(self, *args, **kwargs):
-        signal.raise_signal(signal.SIGTERM)
-        return restore(self, *args, **kwargs)
-
-    monkeypatch.setattr(Checkpointer, "restore_latest", restore_then_sigterm)
-    missed = []  # stands in for the default handler (which would kill pytest)
-    outside = lambda *_: missed.append(True)  # noqa: E731
-    previous = signal.signal(signal.SIGTERM, outside)
-    try:
-        result = Trainer(cfg, tmp_path / "run").train()
-        assert signal.getsignal(signal.SIGTERM) is outside  # handed back once the run is over
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    assert not missed and result == {"status": "preempted", "step": 1}
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["1"]
+def test_sigterm_before_the_first_step_ends_the_process_at_once(tmp_path, kjv_cache):
+    """Until the first step there is nothing to save: a SIGTERM keeps its default action and ends the
+    process at once, even inside a long call (here a restore that would take two minutes)."""
+    config = write_config(tmp_path / "c.yaml", tiny_config(kjv_cache))
+    marker = tmp_path / "restoring"
+    script = ("import sys, time\n"
+              "from lmu_jax.cli import main\n"
+              "from lmu_jax.train.checkpoint import Checkpointer\n"
+              "def slow_restore(*args, **kwargs):\n"
+              f"    open({str(marker)!r}, 'w').close()\n"
+              "    time.sleep(120)\n"
+              "Checkpointer.restore_latest = slow_restore\n"
+              "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.Popen([sys.executable, "-c", script, "train", "--config", str(config), "--run-dir",
+                             str(tmp_path / "run")], env=subprocess_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not marker.exists():
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGTERM
+    assert not list((tmp_path / "run" / "checkpoints").glob("*"))
 
 
 @pytest.mark.slow

@@ -38,6 +38,7 @@ from lmu_jax.metrics import MetricsWriter, peak_flops_total
 from lmu_jax.models import build_model, carries_state, data_order, get_family
 from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, make_mesh,
                               param_shardings, replicated)
+from lmu_jax.train import memory_check
 from lmu_jax.train.checkpoint import Checkpointer, abstract_like
 from lmu_jax.train.evaluate import Evaluator
 from lmu_jax.train.optim import cooldown_start, make_optimizer, make_schedule
@@ -132,6 +133,23 @@ class Trainer:
             return (batch,)
         return batch, to_global_array(self.batcher.local_starts(*where), self.weight_sharding)
 
+    def step_input_shapes(self) -> tuple:
+        """``step_inputs``' shapes and shardings: what the step compiles for before any data is placed."""
+        rows = self.cfg.train.batch_size
+        batch = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
+        if not self.carried:
+            return (batch,)
+        return batch, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=self.weight_sharding)
+
+    def check_memory(self) -> None:
+        """Refuse a run that cannot fit on its devices (lmu_jax/train/memory_check.py) before anything is
+        allocated: the train state from its shapes first, then the compiled step (which the first step
+        then reuses). Process 0 decides for all."""
+        check = partial(memory_check.check_fits, cfg=self.cfg, model_cfg=self.model_cfg, mesh=self.mesh)
+        on_main_agreed(lambda: check(memory_check.state_need(self.abstract_state)), "the memory check")
+        compiled = self.train_step.lower(self.abstract_state, *self.step_input_shapes()).compile()
+        on_main_agreed(lambda: check(memory_check.step_need(self.abstract_state, compiled)), "the memory check")
+
     def fresh_state(self):
         """The state at step 0: initialised, or with ``train.init_from``'s parameters (training by phases;
         the optimizer, step and carried state stay fresh). The source is checked before anything compiles."""
@@ -223,6 +241,7 @@ class Trainer:
                 print(f"run {run.path} is finished (DONE); leaving it alone")
             return {"status": "done-before"}
         main = distributed.is_main_process()
+        self.check_memory()
         created = on_main_agreed(lambda: run.open(cfg), f"--run-dir {run.path}")
         self._started = False
         try:
@@ -241,9 +260,6 @@ class Trainer:
         ckpt = writer = progress = preemption = None
         self.step_reached = 0
         try:
-            # first: a SIGTERM while restoring or compiling stops the run after its first step, with
-            # a checkpoint, instead of killing it
-            preemption = Preemption()
             ckpt = Checkpointer(run.checkpoints, cfg.checkpoint)
             state, meta = ckpt.restore_latest(self.abstract_state, set_aside_unusable=True)
             if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
@@ -258,6 +274,9 @@ class Trainer:
                 print(f"resuming {run.path} from step {start}")
             writer = MetricsWriter(run.path, resume_step=start, tensorboard=cfg.log.tensorboard)
             progress = _progress_bar(main and cfg.log.progress, start, cfg.train.steps)
+            # only now: until the first step there is nothing to save, and a SIGTERM keeps its default
+            # action, ending the process at once even inside a long call (a restore, an initialisation)
+            preemption = Preemption()
             self._started = True
             return self._loop(state, start, ckpt, writer, preemption, progress)
         except OSError as err:  # metrics or run files: say where, and what survives
