@@ -37,6 +37,7 @@ import yaml
 from lmu_jax import storage
 from lmu_jax.errors import UserError
 from lmu_jax.report import plots
+from lmu_jax.report.noise import main_runs, noise_sections
 from lmu_jax.report.runs import budgets_in_order, load_results
 
 DEFAULT_BOOTSTRAP = 200
@@ -163,25 +164,29 @@ def equal_flops_table(results) -> list[dict]:
     The runs of a budget differ in FLOPs only by the rounding of their steps (<= 0.5/steps); each run's
     validation curve is read at C* = the smallest final C of the group (``compare.loss_at_compute``,
     log-log between evaluations), which removes that difference. A "best" row gives each family's
-    lowest loss at C* over its sizes.
+    lowest loss at C* over its sizes. Runs of several seeds give their mean (``seeds``: each seed's loss);
+    cooldown branches are points of their own C and are left out.
     """
     from lmu_jax.scaling.compare import loss_at_compute
 
     rows = []
+    results = main_runs(results)
     for budget in budgets_in_order(results):
         runs = [r for r in results if r.budget_key == budget]
         c_star = min(r.C for r in runs)
         at_c = {id(r): _loss_at(r, c_star) for r in runs}
         for size in sorted({_ladder_size(r) for r in runs}):
-            row = {"budget": budget, "C": c_star, "size": size, "loss": {}, "N": {}}
+            row = {"budget": budget, "C": c_star, "size": size, "loss": {}, "N": {}, "seeds": {}}
             for r in runs:
                 if _ladder_size(r) == size:
-                    row["loss"][r.family], row["N"][r.family] = at_c[id(r)], r.N
+                    row["seeds"].setdefault(r.family, []).append(at_c[id(r)])
+                    row["loss"][r.family], row["N"][r.family] = float(np.mean(row["seeds"][r.family])), r.N
             rows.append(row)
         best = {"budget": budget, "C": c_star, "size": "best", "loss": {}, "N": {}}
-        for r in runs:
-            if math.isfinite(at_c[id(r)]) and at_c[id(r)] < best["loss"].get(r.family, math.inf):
-                best["loss"][r.family], best["N"][r.family] = at_c[id(r)], r.N
+        for row in [row for row in rows if row["budget"] == budget]:  # the sizes' seed means
+            for family, loss in row["loss"].items():
+                if math.isfinite(loss) and loss < best["loss"].get(family, math.inf):
+                    best["loss"][family], best["N"][family] = loss, row["N"][family]
         rows.append(best)
     return rows
 
@@ -198,16 +203,17 @@ def data_efficiency_table(results) -> list[dict]:
 
     rows = []
     groups: dict = {}
-    for r in results:
+    for r in main_runs(results):
         groups.setdefault((r.budget_key, _ladder_size(r)), []).append(r)
     budget_rank = {b: i for i, b in enumerate(budgets_in_order(results))}
     for (budget, size), runs in sorted(groups.items(), key=lambda kv: (budget_rank[kv[0][0]], kv[0][1])):
         for x in runs:
             for y in runs:
-                if x.family == y.family:
+                if x.family == y.family or x.row.get("seed") != y.row.get("seed"):  # seeds pair up
                     continue
                 result = data_efficiency(x.eval_tokens, x.eval_loss, y.eval_tokens, y.eval_loss)
                 rows.append({"budget": budget, "size": size, "x": x.family, "y": y.family, "N_x": x.N, "N_y": y.N,
+                             "seed": x.row.get("seed"),
                              "target": result.target_loss, "tokens_x": result.tokens_x, "tokens_y": result.tokens_y,
                              "ratio": result.ratio, "reason": result.reason})
     return rows
@@ -453,6 +459,8 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
     s.append(("table", equal_flops_rows(equal_flops_table(results), families)))
     if collected["curves"]:
         s += data_efficiency_sections(results)
+    s += noise_sections(collected.get("sweep_dir"), results, equal_flops_table(results), data_efficiency_table(results),
+                        families)
     s += fit_sections(fits, bootstrap)
     s.append(("h2", "Figures"))
     for stem, caption in FIGURES:

@@ -7,7 +7,9 @@ curve the answer is NaN, with the reason when there is one to give.
 - ``data_efficiency``: how many tokens family X needs to reach family Y's final loss (same N);
   e.g. the LMU paper's "10x more data efficient" is ``ratio ≈ 10`` with X = LMU, Y = transformer.
 - ``losses_at_compute``: each family's loss at the same compute budgets.
-- ``law_ratio`` / ``crossover``: two fitted L(N) laws at a given N, and the N where they meet.
+- ``law_ratio`` / ``crossover``: two fitted L(N) laws at a given N, and the N where they meet;
+- ``difference_with_noise``: a difference of seed means with its seed standard error ("within noise"
+  under 2σ).
 """
 
 from __future__ import annotations
@@ -105,6 +107,26 @@ def loss_at_compute(compute, loss, budgets) -> np.ndarray:
 def losses_at_compute(curves: dict, budgets) -> dict:
     """``{family: losses at budgets}`` for ``curves = {family: (compute, loss)}``."""
     return {family: loss_at_compute(compute, loss, budgets) for family, (compute, loss) in curves.items()}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(a) - mean(b) of two groups of seeds, with its standard error from the seeds' scatter."""
+
+    diff: float
+    sigma: float  # sqrt(s_a²/n_a + s_b²/n_b); a group of one seed takes the noise floor as its s
+    within_noise: bool  # |diff| < 2 sigma (False when sigma is unknown: no seeds and no floor)
+
+
+def difference_with_noise(a, b, floor: float = math.nan) -> Difference:
+    """The difference of two groups' means set against seed noise (each group: one value per seed)."""
+    def variance(values):
+        return float(np.var(values, ddof=1)) if values.size > 1 else floor ** 2
+
+    a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
+    diff = float(a.mean() - b.mean())
+    sigma = math.sqrt(variance(a) / a.size + variance(b) / b.size)
+    return Difference(diff, sigma, bool(math.isfinite(sigma) and abs(diff) < 2 * sigma))
 
 
 def _evaluate(law, N):

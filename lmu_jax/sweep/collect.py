@@ -5,7 +5,13 @@ Columns of ``results.csv`` (one row per finished run):
     run_id, family, size (ladder target), N (non-embedding params), N_total, D (training tokens),
     C (training FLOPs, our convention: 3 x analytic forward per token, `lmu_jax.flops`), C_6N (6 N D,
     Kaplan's), budget_kind, budget, steps, seq_len, batch_size, schedule, train_loss, val_loss,
-    bits_per_token, bits_per_byte, split_protocol, split_bits_per_byte, curve (path of metrics.jsonl), run_dir
+    bits_per_token, bits_per_byte, split_protocol, split_bits_per_byte, curve (path of metrics.jsonl), run_dir,
+    seed (train.seed), lr (peak, optim.lr), branch_from (a cooldown branch: its parent's checkpoint)
+
+A cooldown branch's row has ``budget_kind`` "branch" and ``budget`` its own C (the parent's prefix
+and its cooldown): it is an (N, D) point of its own, not a member of its parent's budget. The runs of
+a sweep's lr grid go to ``lr_grid.csv`` (same columns), not into results.csv: they are there to choose
+the learning rate, not to be fitted.
 
 ``curve`` and ``run_dir`` are relative to the sweep directory (``runs/<id>/...``), so a collected
 sweep copied elsewhere (experiments/results/, a bucket) still points at its own files.
@@ -35,7 +41,7 @@ from lmu_jax.sweep.runner import SweepDir, run_status
 
 COLUMNS = ("run_id", "family", "size", "N", "N_total", "D", "C", "C_6N", "budget_kind", "budget", "steps",
            "seq_len", "batch_size", "schedule", "train_loss", "val_loss", "bits_per_token", "bits_per_byte",
-           "split_protocol", "split_bits_per_byte", "curve", "run_dir")
+           "split_protocol", "split_bits_per_byte", "curve", "run_dir", "seed", "lr", "branch_from")
 TRAIN_LOSS_TAIL = 10
 
 
@@ -85,7 +91,18 @@ def run_row(run_dir, planned: dict | None) -> dict:
         "split_bits_per_byte": evaluation.get("split_eval", {}).get("bits_per_byte", ""),
         "curve": f"{name}/metrics.jsonl",
         "run_dir": name,
+        "seed": config["train"].get("seed", 0),  # (the trainer writes every key; copied runs may not)
+        "lr": config.get("optim", {}).get("lr", ""),
+        "branch_from": config["train"].get("branch_from", ""),
     }
+
+
+def csv_text(rows) -> str:
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    return table.getvalue()
 
 
 def collect(sweep_dir) -> dict:
@@ -100,23 +117,24 @@ def collect(sweep_dir) -> dict:
                         "(run `lmu-jax sweep run SPEC` first)")
     planned = {p["run_id"]: p for p in sweep.read_plan()}
     run_ids = list(planned) + sorted(p.name for p in sweep.runs.iterdir() if p.is_dir() and p.name not in planned)
-    rows, per_position, missing = [], {}, []
+    rows, grid_rows, per_position, missing = [], [], {}, []
     for rid in run_ids:
         run_dir = sweep.run_dir(rid)
         if run_status(sweep, rid).state != "done" or not (run_dir / "eval.json").exists():
             missing.append(rid)
             continue
         row = run_row(run_dir, planned.get(rid))
+        if planned.get(rid, {}).get("stage") == "lr_grid":
+            grid_rows.append(row)
+            continue
         rows.append(row)
         evaluation = json.loads((run_dir / "eval.json").read_text())
         per_position[rid] = {"family": row["family"], "N": row["N"], "D": row["D"], "C": row["C"],
                              "val_loss": row["val_loss"], "per_position_loss": evaluation["per_position_loss"]}
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=COLUMNS)
-    writer.writeheader()
-    writer.writerows(rows)
     csv_path = sweep.path / "results.csv"
-    storage.write_text(csv_path, table.getvalue())
+    storage.write_text(csv_path, csv_text(rows))
+    if grid_rows:
+        storage.write_text(sweep.path / "lr_grid.csv", csv_text(grid_rows))
     json_path = sweep.path / "per_position.json"
     storage.write_text(json_path, json.dumps(per_position, indent=1) + "\n")
     return {"rows": rows, "per_position": per_position, "missing": missing, "csv": csv_path, "json": json_path,

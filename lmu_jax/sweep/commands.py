@@ -1,8 +1,9 @@
-"""CLI: `lmu-jax sweep plan|run|status|collect SPEC [--sweep-dir DIR]`."""
+"""CLI: `lmu-jax sweep plan|run|status|collect SPEC [--sweep-dir DIR]` and `lmu-jax sweep design`."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -39,19 +40,49 @@ def register(subparsers) -> None:
     common(q)
     q.set_defaults(func=cmd_collect)
 
+    q = actions.add_parser("design", help="write a spec whose ladders bracket each budget's compute-optimal size")
+    q.add_argument("--families", required=True, help="comma-separated families, e.g. transformer,lmu")
+    q.add_argument("--flops", required=True, metavar="LOW:HIGH", help="training FLOP range of the budgets")
+    q.add_argument("--hours", required=True, type=float, help="wall-clock budget for the whole sweep here")
+    q.add_argument("--out", required=True, help="where to write the spec (YAML)")
+    q.add_argument("--base", help="a run config YAML: the spec's base (corpus, seq_len, batch, optimizer)")
+    q.add_argument("--flops-per-s", type=float, help="measured FLOP/s for the time estimate")
+    q.add_argument("--sweep-dir", help="a sweep with finished runs: its measured FLOP/s per family")
+    q.add_argument("--prior", metavar="G,a", help="a prior fit N_opt = G * C^a (default: ~20 tokens per parameter)")
+    q.add_argument("--sizes-per-budget", type=int, default=5, help="5-7 sizes a factor 2 apart (default 5)")
+    q.add_argument("--max-epochs", type=float, default=4.0, help="refuse runs that repeat the corpus more often")
+    q.add_argument("--name", help="the sweep's name (default: the --out file's stem)")
+    q.set_defaults(func=cmd_design)
+
 
 def default_sweep_dir(spec) -> Path:
     return Path("runs") / "sweeps" / spec.name
 
 
 def _load(args):
-    from lmu_jax.sweep.spec import expand, load_spec
+    """(spec, runs, sweep dir). With an lr grid the main runs are among the runs only once the grid is done."""
+    from lmu_jax import storage
+    from lmu_jax.sweep.spec import load_spec
 
     spec = load_spec(args.spec)
-    from lmu_jax import storage
-
     sweep_dir = storage.path(args.sweep_dir, "--sweep-dir") if args.sweep_dir else default_sweep_dir(spec)
-    return spec, expand(spec), sweep_dir
+    return spec, expand_in(spec, sweep_dir), sweep_dir
+
+
+def expand_in(spec, sweep_dir) -> list:
+    """``spec.expand`` with the lr rule of the sweep directory's finished lr grid, if it has one."""
+    from lmu_jax.sweep.lr import rules_from_grid
+    from lmu_jax.sweep.spec import expand
+
+    runs = expand(spec)
+    if spec.lr_grid is None:
+        return runs
+    rules = rules_from_grid(sweep_dir, runs)
+    return runs if rules is None else expand(spec, rules)
+
+
+def waiting_for_grid(spec, runs) -> bool:
+    return spec.lr_grid is not None and all(r.stage == "lr_grid" for r in runs)
 
 
 # ------------------------------------------------------------------------------------------- plan
@@ -68,6 +99,8 @@ def measured_flops_per_s(sweep_dir) -> dict:
     rates: dict[str, list[float]] = {}
     for planned in sweep.read_plan():
         record = read_record(sweep.run_dir(planned["run_id"]))
+        if planned.get("branch_of"):  # its FLOPs count the parent's prefix, which it did not run
+            continue
         if record.get("state") == "done" and record.get("ended", 0) > record.get("started", 0):
             rates.setdefault(planned["family"], []).append(planned["flops"] / (record["ended"] - record["started"]))
     return {family: statistics.median(values) for family, values in rates.items()}
@@ -96,30 +129,39 @@ def format_seconds(seconds: float | None) -> str:
 
 
 def plan_rows(spec, runs, sweep_dir, flops_per_s: float | None = None) -> list[dict]:
-    measured = measured_flops_per_s(sweep_dir)
+    measured = measured_flops_per_s(sweep_dir) if sweep_dir is not None else {}
     rows = []
     for run in runs:
         rate, source = throughput_for(run.family, measured, spec, flops_per_s)
-        target = run.budget.value if run.budget.kind == "flops" else None
+        target = run.budget.value if run.budget.kind == "flops" and not run.branch_of else None
+        kind = f"branch {run.fraction:g} of {run.branch_of}" if run.branch_of else run.stage
         rows.append({
             "run_id": run.run_id, "family": run.family, "size": run.size, "N": run.n_params,
             "N_total": run.params["total"], "shape": f"d={run.config.model.d_model} L={run.config.model.n_layers}",
             "steps": run.steps, "tokens": run.tokens, "flops": run.flops, "flops_6n": run.flops_6n,
             "budget": run.budget.label, "flops_vs_budget": run.flops / target - 1 if target else None,
-            "est_s": run.flops / rate if rate else None, "rate_source": source,
+            "est_s": (run.flops - run.flops * _prefix(run)) / rate if rate else None, "rate_source": source,
+            "lr": run.lr, "seed": run.seed, "kind": kind,
         })
     return rows
 
 
+def _prefix(run) -> float:
+    """The share of a branch's FLOPs its parent has already spent (a branch runs only its cooldown)."""
+    if not run.branch_of:
+        return 0.0
+    return int(run.config.train.branch_from.rsplit("/", 1)[1]) / run.steps
+
+
 def print_plan_table(rows: list[dict], out=sys.stdout) -> None:
     header = ("run_id", "family", "N", "N_total", "shape", "steps", "tokens", "FLOPs", "vs budget", "6ND",
-              "est.time")
+              "est.time", "lr", "seed", "kind")
     table = [header]
     for r in rows:
         delta = "" if r["flops_vs_budget"] is None else f"{100 * r['flops_vs_budget']:+.1f}%"
         table.append((r["run_id"], r["family"], f"{r['N']:,}", f"{r['N_total']:,}", r["shape"], str(r["steps"]),
                       f"{r['tokens']:,}", f"{r['flops']:.3g}", delta, f"{r['flops_6n']:.3g}",
-                      format_seconds(r["est_s"])))
+                      format_seconds(r["est_s"]), f"{r['lr']:.4g}", str(r["seed"]), r["kind"]))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
         print("  ".join(cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))),
@@ -148,6 +190,9 @@ def cmd_plan(args) -> int:
         print(json.dumps({"name": spec.name, "sweep_dir": str(sweep_dir), "runs": rows}, indent=1))
         return 0
     print_plan_table(rows)
+    if waiting_for_grid(spec, runs):
+        print("the main runs follow once these lr-grid runs are done: their lr comes from the rule fitted to "
+              "the grid (lmu_jax/sweep/lr.py); `sweep run` runs both")
     return 0
 
 
@@ -160,6 +205,10 @@ def cmd_run(args) -> int:
     spec, runs, sweep_dir = _load(args)
     try:
         statuses = run_sweep(spec, runs, sweep_dir, only=args.only, progress=not args.no_progress)
+        if waiting_for_grid(spec, runs) and args.only is None:
+            runs = expand_in(spec, sweep_dir)  # the grid is done (or failed: then nothing new)
+            if not waiting_for_grid(spec, runs):
+                statuses = run_sweep(spec, runs, sweep_dir, progress=not args.no_progress)
     except (KeyboardInterrupt, Stopped) as err:
         print(f"stopped ({type(err).__name__}); the run in flight saved a checkpoint: run the same command "
               "again to resume", file=sys.stderr)
@@ -206,4 +255,38 @@ def cmd_collect(args) -> int:
     result = collect(sweep_dir)
     print(f"{len(result['rows'])} finished runs -> {result['csv']} and {result['json']}"
           + (f"; {len(result['missing'])} not finished" if result["missing"] else ""))
+    return 0
+
+
+def _numbers(field: str, text: str, count: int, sep: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(sep)]
+    except ValueError:
+        values = []
+    if len(values) != count or not all(v > 0 and math.isfinite(v) for v in values):
+        raise UserError(f"{field}={text!r} is invalid: {count} positive numbers separated by {sep!r}")
+    return values
+
+
+def cmd_design(args) -> int:
+    from lmu_jax import storage
+    from lmu_jax.config import read_yaml
+    from lmu_jax.models import FAMILIES
+    from lmu_jax.sweep.design import design, print_design, write_design
+
+    families = [f.strip() for f in args.families.split(",") if f.strip()]
+    for family in families or [""]:
+        if family not in FAMILIES:
+            raise UserError(f"--families={args.families!r} is invalid: families among {', '.join(sorted(FAMILIES))}")
+    low, high = _numbers("--flops", args.flops, 2, ":")
+    prior = tuple(_numbers("--prior", args.prior, 2, ",")) if args.prior else None
+    sweep_dir = storage.path(args.sweep_dir, "--sweep-dir") if args.sweep_dir else None
+    base = read_yaml(args.base) if args.base else {}
+    base.pop("model", None)  # sizing sets the shape; the family comes from --families
+    raw, rows = design(families, low, high, args.hours, base=base, flops_per_s=args.flops_per_s,
+                       sweep_dir=sweep_dir, prior=prior, sizes_per_budget=args.sizes_per_budget,
+                       max_epochs=args.max_epochs, name=args.name or Path(args.out).stem)
+    write_design(args.out, raw)
+    print_design(raw, rows, prior)
+    print(f"wrote {args.out}; `lmu-jax sweep run {args.out}` runs it")
     return 0

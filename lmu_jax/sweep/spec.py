@@ -20,22 +20,49 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
       lstm: {optim: {lr: 1.0e-2}}          # model keys (order, n_heads, ...) and anything else
     run_overrides:                         # merged last, onto the runs that match every given key
       - match: {family: lstm, size: 180000}  # keys: family, size, budget
-        set: {train: {seed: 1}}
+        set: {train: {batch_size: 32}}
     throughput:                            # FLOP/s for the plan's time estimates (measured ones win)
       default: 2.0e10
       lstm: 5.0e9
+    seeds: [0, 1, 2]                       # optional: each run once per seed (train.seed), or for some runs:
+                                           # {values: [0, 1, 2], match: {family: lstm, size: 20000}}
+    branches: [0.125, 0.25, 0.5, 1]        # optional, wsd only: cooldown branches at these fractions of each
+                                           # run's horizon, or {fractions: [...], match: {...}} for some runs
+    lr_grid:                               # optional: tune lr per size first, then lr(N) = c N^-gamma per family
+      lrs: [1.0e-3, 3.0e-3, 1.0e-2]        # >= 3 peak learning rates, tried at every grid size
+      sizes: [20000, 60000]                # target sizes of the grid runs
+      budget: 1.0e12                       # their one FLOP budget (or {tokens: 2.0e6})
+
+``sizes`` may also be a mapping from budget value to that budget's ladder (``lmu-jax sweep design`` writes
+one: each budget's ladder brackets its own compute-optimal size).
 
 A FLOP budget C gives each run ``steps = round(C / (flops_per_token * batch * seq_len))``, so the runs'
 training FLOPs match up to the rounding of steps (within 0.5 / steps). The learning-rate schedule's
 horizon is the run's own ``train.steps`` (cosine decays to it; WSD cools down at its end), so every
 final loss is a valid (N, D) point (docs/scaling.md); a ``constant`` schedule is
 refused for that reason. Run ids are ``lmu_jax.config.run_id`` of the resolved config.
+
+Seeds: a run with several seeds is several runs (distinct ids; ``train.seed`` sets parameters and data
+order); the report gives their mean and standard deviation and the noise floor.
+
+Cooldown branches (wsd): a branch at fraction f of a run of T steps has the horizon T_b = round(f T) and
+the wsd schedule of that horizon, whose stable phase is the parent's; it starts from the parent's
+checkpoint at its own cooldown start (``optim.cooldown_start``), optimizer state and step included
+(``train.branch_from``), and runs only its cooldown. Its tokens and FLOPs count the parent's prefix: it
+is the (N, D = T_b tokens) point that a run of T_b steps would give. The parent keeps those checkpoints
+(``checkpoint.at``); branch runs come right after their parent. Fraction 1 is the parent itself.
+
+Learning rate grid: its runs (stage ``lr_grid``) run first; the best lr per (family, size) is the vertex
+of a parabola in log lr through the final validation losses, and lr(N) = c N^-gamma fitted per family
+sets ``optim.lr`` of every main run (``lmu_jax.sweep.lr``; the rule wins over the spec's lr). The main
+runs are planned once the grid is done.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,7 +70,8 @@ from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.errors import UserError, bad_value
 
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
-             "evals_per_run", "base", "family_overrides", "run_overrides", "throughput")
+             "evals_per_run", "base", "family_overrides", "run_overrides", "throughput", "seeds", "branches",
+             "lr_grid")
 SIZING_RULES = ("search", "paper")
 BUDGET_KINDS = ("flops", "tokens")
 MATCH_KEYS = ("family", "size", "budget")
@@ -69,8 +97,31 @@ class RunOverride:
     set: dict  # a partial RunConfig dict
 
     def applies(self, family: str, size: int, budget: Budget) -> bool:
-        have = {"family": family, "size": size, "budget": budget.value}
-        return all(have[key] == value for key, value in self.match.items())
+        return _matches(self.match, family, size, budget)
+
+
+def _matches(match: dict, family: str, size: int, budget: Budget) -> bool:
+    have = {"family": family, "size": size, "budget": budget.value}
+    return all(have[key] == value for key, value in match.items())
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Values (seeds, branch fractions) for the runs that match every given key (all runs when empty)."""
+
+    values: tuple
+    match: dict = field(default_factory=dict)
+
+    def applies(self, family: str, size: int, budget: Budget) -> bool:
+        return _matches(self.match, family, size, budget)
+
+
+@dataclass(frozen=True)
+class LrGrid:
+    lrs: tuple
+    sizes: tuple
+    budget: Budget
+    families: tuple
 
 
 @dataclass(frozen=True)
@@ -87,7 +138,14 @@ class SweepSpec:
     evals_per_run: int | None = None
     throughput: dict = field(default_factory=dict)  # family or "default" -> FLOP/s
     description: str = ""
+    seeds: Subset | None = None
+    branches: Subset | None = None
+    lr_grid: LrGrid | None = None
+    ladders: dict = field(default_factory=dict)  # budget value -> its own ladder (else ``sizes``)
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the spec as written
+
+    def ladder(self, budget: Budget) -> tuple:
+        return self.ladders.get(budget.value, self.sizes)
 
 
 @dataclass(frozen=True)
@@ -102,6 +160,17 @@ class PlannedRun:
     params: dict  # total, non_embedding, embedding (param_counts)
     flops_per_token: float  # training FLOPs per token (3 x analytic forward)
     tokens_per_step: int
+    stage: str = "main"  # "lr_grid": a run of the learning-rate grid (before the main runs)
+    branch_of: str = ""  # a cooldown branch: its parent's run id
+    fraction: float = 1.0  # a branch: its horizon as a fraction of its parent's
+
+    @property
+    def seed(self) -> int:
+        return self.config.train.seed
+
+    @property
+    def lr(self) -> float:
+        return self.config.optim.lr
 
     @property
     def steps(self) -> int:
@@ -129,7 +198,9 @@ class PlannedRun:
                 "budget": self.budget.value, "N": self.n_params, "N_total": self.params["total"],
                 "steps": self.steps, "tokens": self.tokens, "flops": self.flops, "flops_6n": self.flops_6n,
                 "flops_per_token": self.flops_per_token, "seq_len": self.config.data.seq_len,
-                "batch_size": self.config.train.batch_size, "schedule": self.config.optim.schedule}
+                "batch_size": self.config.train.batch_size, "schedule": self.config.optim.schedule,
+                "seed": self.seed, "lr": self.lr, "stage": self.stage, "branch_of": self.branch_of,
+                "fraction": self.fraction, **({"budget_kind": "branch", "budget": self.flops} if self.branch_of else {})}
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -190,7 +261,15 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
         if family not in FAMILIES:
             raise bad_value("families", family, f"one of {', '.join(sorted(FAMILIES))}")
 
-    sizes = _number_list("sizes", raw.get("sizes") or [], integer=True)
+    ladders_raw = raw.get("sizes") if isinstance(raw.get("sizes"), dict) else {}
+    ladders = {}
+    for key, ladder in ladders_raw.items():
+        (value,) = _number_list("sizes", key, integer=False)
+        ladders[value] = _number_list(f"sizes.{key}", ladder or [], integer=True)
+        if not ladders[value]:
+            raise bad_value(f"sizes.{key}", ladder, "a non-empty ladder of target non-embedding parameter counts")
+    sizes = tuple(sorted({n for ladder in ladders.values() for n in ladder})) if ladders else \
+        _number_list("sizes", raw.get("sizes") or [], integer=True)
     if not sizes:
         raise bad_value("sizes", raw.get("sizes"), "a non-empty ladder of target non-embedding parameter counts")
 
@@ -209,6 +288,9 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
         budgets += [Budget(kind, v) for v in _number_list(f"budgets.{kind}", values or [], integer=False)]
     if not budgets:
         raise bad_value("budgets", raw.get("budgets"), "at least one budget, e.g. {flops: [1.0e12]}")
+    if ladders and set(ladders) != {b.value for b in budgets}:
+        raise bad_value("sizes", sorted(ladders), "one ladder per budget, keyed by the budgets: "
+                        f"{', '.join(f'{b.value:g}' for b in budgets)}")
 
     family_overrides = _mapping("family_overrides", raw.get("family_overrides"))
     for family, override in family_overrides.items():
@@ -221,16 +303,8 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
         entry = _mapping(f"run_overrides[{i}]", entry)
         if set(entry) != {"match", "set"}:
             raise bad_value(f"run_overrides[{i}]", entry, "a mapping with keys match and set")
-        match = _mapping(f"run_overrides[{i}].match", entry["match"])
-        for key in match:
-            if key not in MATCH_KEYS:
-                raise bad_value(f"run_overrides[{i}].match", key, f"keys among {', '.join(MATCH_KEYS)}")
-        match = dict(match)  # numbers as the ladder and budgets hold them (YAML may give "1e12")
-        if "size" in match:
-            (match["size"],) = _number_list(f"run_overrides[{i}].match.size", match["size"], integer=True)
-        if "budget" in match:
-            (match["budget"],) = _number_list(f"run_overrides[{i}].match.budget", match["budget"], integer=False)
-        run_overrides.append(RunOverride(match=match, set=_mapping(f"run_overrides[{i}].set", entry["set"])))
+        run_overrides.append(RunOverride(match=_match(f"run_overrides[{i}].match", entry["match"]),
+                                         set=_mapping(f"run_overrides[{i}].set", entry["set"])))
 
     warmup_fraction = raw.get("warmup_fraction")
     if warmup_fraction is not None and (isinstance(warmup_fraction, bool) or
@@ -250,7 +324,86 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
                      budgets=tuple(budgets), sizing_rules=sizing_rules, base=_mapping("base", raw.get("base")),
                      family_overrides=family_overrides, run_overrides=tuple(run_overrides),
                      warmup_fraction=warmup_fraction, evals_per_run=evals_per_run, throughput=throughput,
-                     description=str(raw.get("description") or ""), raw=raw)
+                     description=str(raw.get("description") or ""), seeds=_seeds(raw.get("seeds")),
+                     branches=_branches(raw.get("branches")), lr_grid=_lr_grid(raw.get("lr_grid"), families),
+                     ladders=ladders, raw=raw)
+
+
+def _match(path: str, match) -> dict:
+    match = dict(_mapping(path, match))
+    for key in match:
+        if key not in MATCH_KEYS:
+            raise bad_value(path, key, f"keys among {', '.join(MATCH_KEYS)}")
+    # numbers as the ladder and budgets hold them (YAML may give "1e12")
+    if "size" in match:
+        (match["size"],) = _number_list(f"{path}.size", match["size"], integer=True)
+    if "budget" in match:
+        (match["budget"],) = _number_list(f"{path}.budget", match["budget"], integer=False)
+    return match
+
+
+def _subset(path: str, value, key: str) -> tuple[list, dict]:
+    """``[v, ...]`` or ``{<key>: [v, ...], match: {...}}`` -> (values, match)."""
+    if isinstance(value, dict):
+        if key not in value or not set(value) <= {key, "match"}:
+            raise bad_value(path, value, f"a list, or a mapping with keys {key} and (optionally) match")
+        return value[key], _match(f"{path}.match", value.get("match"))
+    return value, {}
+
+
+def _seeds(value) -> Subset | None:
+    if value is None:
+        return None
+    seeds, match = _subset("seeds", value, "values")
+    seeds = seeds if isinstance(seeds, (list, tuple)) else [seeds]
+    if not seeds or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in seeds):
+        raise bad_value("seeds", seeds, "a non-empty list of distinct integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        repeated = sorted({v for v in seeds if seeds.count(v) > 1})
+        raise bad_value("seeds", list(seeds), f"distinct seeds ({', '.join(map(str, repeated))} repeated)")
+    return Subset(values=tuple(seeds), match=match)
+
+
+def _branches(value) -> Subset | None:
+    if value is None:
+        return None
+    fractions, match = _subset("branches", value, "fractions")
+    if not fractions:
+        raise bad_value("branches.fractions", fractions, "a non-empty list of fractions in (0, 1]")
+    fractions = _number_list("branches.fractions", fractions, integer=False)
+    for f in fractions:
+        if f > 1:
+            raise bad_value("branches.fractions", f, "fractions of a run's horizon in (0, 1]")
+    if len(set(fractions)) != len(fractions):
+        raise bad_value("branches.fractions", list(fractions), "distinct fractions")
+    return Subset(values=tuple(sorted(fractions)), match=match)
+
+
+def _lr_grid(value, families) -> LrGrid | None:
+    if value is None:
+        return None
+    value = _mapping("lr_grid", value)
+    allowed = {"lrs", "sizes", "budget", "families"}
+    if not set(value) <= allowed or not {"lrs", "sizes", "budget"} <= set(value):
+        raise bad_value("lr_grid", value, "a mapping with keys lrs, sizes, budget (and optionally families)")
+    lrs = tuple(sorted(_number_list("lr_grid.lrs", value["lrs"] or [], integer=False)))
+    if len(set(lrs)) < 3:
+        raise bad_value("lr_grid.lrs", list(lrs), "at least 3 distinct learning rates (a parabola needs 3)")
+    sizes = _number_list("lr_grid.sizes", value["sizes"] or [], integer=True)
+    if not sizes:
+        raise bad_value("lr_grid.sizes", value["sizes"], "a non-empty list of target sizes")
+    budget = value["budget"]
+    kind, amount = ("flops", budget) if not isinstance(budget, dict) else (next(iter(budget), None), budget)
+    if isinstance(budget, dict):
+        if len(budget) != 1 or kind not in BUDGET_KINDS:
+            raise bad_value("lr_grid.budget", budget, "a FLOP budget, or {flops: C} or {tokens: D}")
+        amount = budget[kind]
+    (amount,) = _number_list(f"lr_grid.budget", amount, integer=False)
+    grid_families = value.get("families") or list(families)
+    for family in grid_families:
+        if family not in families:
+            raise bad_value("lr_grid.families", family, f"one of the sweep's families: {', '.join(families)}")
+    return LrGrid(lrs=lrs, sizes=sizes, budget=Budget(kind, amount), families=tuple(grid_families))
 
 
 def load_spec(path) -> SweepSpec:
@@ -296,56 +449,152 @@ def _family_base(spec: SweepSpec, family: str) -> dict:
     return raw
 
 
-def plan_family(spec: SweepSpec, family: str) -> list[PlannedRun]:
-    from lmu_jax import sizing
-    from lmu_jax.flops import model_flops_per_token, param_counts
-    from lmu_jax.models import carries_state
-
+def plan_family(spec: SweepSpec, family: str, lr_rule=None) -> list[PlannedRun]:
+    """The family's runs: the lr grid's (when the spec has one) and, unless the grid is still to run
+    (``lr_rule`` None), the main ones: ladder x budgets x seeds, and their cooldown branches."""
     family_raw = _family_base(spec, family)
-    base_cfg = config_from_dict(_with_steps(family_raw, 1))  # validates base + overrides early
-    vocab = tokenizer_vocab_size(family_raw)
-    counts: dict = {}  # model config -> param_counts (it builds the model's shapes: not free)
+    planner = _Planner(spec, family, family_raw)
     runs = []
+    grid = spec.lr_grid
+    if grid is not None and family in grid.families:
+        for size in grid.sizes:
+            for lr in grid.lrs:
+                runs.append(planner.run(size, grid.budget, deep_merge(planner.sized(size), {"optim": {"lr": lr}}),
+                                        stage="lr_grid"))
+    if grid is not None and lr_rule is None:
+        return runs
     for size in spec.sizes:
-        shape = sizing.solve(family, size, base_cfg=base_cfg.model, seq_len=base_cfg.data.seq_len,
-                             vocab_size=vocab, rule=spec.sizing_rules.get(family, "search"))
-        sized_raw = deep_merge(family_raw, {"model": dataclasses.asdict(shape)})
         for budget in spec.budgets:
-            run_raw = sized_raw
+            if size not in spec.ladder(budget):
+                continue
+            run_raw = planner.sized(size)
             for override in spec.run_overrides:
                 if override.applies(family, size, budget):
                     run_raw = deep_merge(run_raw, override.set)
-            probe = config_from_dict(_with_steps(run_raw, 1))
-            model_cfg = probe.model.resolved(vocab, probe.data.seq_len)
-            flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len,
-                                                    carried=carries_state(model_cfg, probe.data.order))
-            tokens_per_step = probe.train.batch_size * probe.data.seq_len
-            per_step = tokens_per_step * (flops_per_token if budget.kind == "flops" else 1.0)
-            steps = round(budget.value / per_step)
-            if steps < 1:
-                raise bad_value(f"budgets.{budget.kind}", budget.value,
-                                f"at least one step of {family} at size {size}, i.e. >= {per_step / 2:.4g} "
-                                f"(one step = {tokens_per_step} tokens = {tokens_per_step * flops_per_token:.4g} "
-                                "FLOPs)")
-            cfg = config_from_dict(_with_steps(run_raw, steps, spec))
-            if (model_cfg, probe.data.seq_len) not in counts:
-                counts[model_cfg, probe.data.seq_len] = param_counts(model_cfg, probe.data.seq_len)
-            runs.append(PlannedRun(run_id=run_id(cfg), family=family, size=size, budget=budget, config=cfg,
-                                   params=counts[model_cfg, probe.data.seq_len],
-                                   flops_per_token=flops_per_token, tokens_per_step=tokens_per_step))
+            if lr_rule is not None and family in lr_rule:
+                run_raw = deep_merge(run_raw, {"optim": {"lr": lr_rule[family].lr(planner.n_params(run_raw))}})
+            seeds = spec.seeds.values if spec.seeds and spec.seeds.applies(family, size, budget) else (None,)
+            for seed in seeds:
+                seeded = run_raw if seed is None else deep_merge(run_raw, {"train": {"seed": seed}})
+                fractions = spec.branches.values if spec.branches and spec.branches.applies(family, size, budget) \
+                    else ()
+                runs += planner.with_branches(size, budget, seeded, fractions)
     return runs
 
 
-def expand(spec: SweepSpec) -> list[PlannedRun]:
-    """Every run of the spec, ordered by budget, then family, then size; duplicates (same id) once."""
+@functools.lru_cache(maxsize=None)
+def solve_shape(family: str, size: int, base_model, seq_len: int, vocab: int, rule: str = "search"):
+    """``sizing.solve``, once per process for each question (it counts parameters of candidate shapes:
+    not free, and `sweep design` and every expansion ask the same ones again)."""
+    from lmu_jax import sizing
+
+    return sizing.solve(family, size, base_cfg=base_model, seq_len=seq_len, vocab_size=vocab, rule=rule)
+
+
+@functools.lru_cache(maxsize=None)
+def count_params(model_cfg, seq_len: int) -> dict:
+    """``flops.param_counts`` (it builds the model's shapes), once per model config; do not modify."""
+    from lmu_jax.flops import param_counts
+
+    return param_counts(model_cfg, seq_len)
+
+
+class _Planner:
+    """Sizes, FLOPs per token and parameter counts of one family's runs (each solved or counted once)."""
+
+    def __init__(self, spec: SweepSpec, family: str, family_raw: dict):
+        self.spec, self.family, self.family_raw = spec, family, family_raw
+        self.base_cfg = config_from_dict(_with_steps(family_raw, 1))  # validates base + overrides early
+        self.vocab = tokenizer_vocab_size(family_raw)
+        self.shapes: dict = {}
+
+    def sized(self, size: int) -> dict:
+        if size not in self.shapes:
+            self.shapes[size] = solve_shape(self.family, size, self.base_cfg.model, self.base_cfg.data.seq_len,
+                                            self.vocab, self.spec.sizing_rules.get(self.family, "search"))
+        return deep_merge(self.family_raw, {"model": dataclasses.asdict(self.shapes[size])})
+
+    def _probe(self, run_raw: dict):
+        probe = config_from_dict(_with_steps(run_raw, 1))
+        model_cfg = probe.model.resolved(self.vocab, probe.data.seq_len)
+        return probe, model_cfg, count_params(model_cfg, probe.data.seq_len)
+
+    def n_params(self, run_raw: dict) -> int:
+        return self._probe(run_raw)[2]["non_embedding"]
+
+    def run(self, size: int, budget: Budget, run_raw: dict, stage: str = "main") -> PlannedRun:
+        from lmu_jax.flops import model_flops_per_token
+        from lmu_jax.models import carries_state
+
+        probe, model_cfg, counts = self._probe(run_raw)
+        flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len,
+                                                carried=carries_state(model_cfg, probe.data.order))
+        tokens_per_step = probe.train.batch_size * probe.data.seq_len
+        per_step = tokens_per_step * (flops_per_token if budget.kind == "flops" else 1.0)
+        steps = round(budget.value / per_step)
+        if steps < 1:
+            field_name = "lr_grid.budget" if stage == "lr_grid" else f"budgets.{budget.kind}"
+            raise bad_value(field_name, budget.value,
+                            f"at least one step of {self.family} at size {size}, i.e. >= {per_step / 2:.4g} "
+                            f"(one step = {tokens_per_step} tokens = {tokens_per_step * flops_per_token:.4g} "
+                            "FLOPs)")
+        cfg = config_from_dict(_with_steps(run_raw, steps, self.spec))
+        return PlannedRun(run_id=run_id(cfg), family=self.family, size=size, budget=budget, config=cfg,
+                          params=counts, flops_per_token=flops_per_token, tokens_per_step=tokens_per_step,
+                          stage=stage)
+
+    def with_branches(self, size: int, budget: Budget, run_raw: dict, fractions: tuple) -> list[PlannedRun]:
+        """The run and its cooldown branches (module docstring); the parent keeps the branch points."""
+        from lmu_jax.train.optim import cooldown_start
+
+        parent = self.run(size, budget, run_raw)
+        fractions = [f for f in fractions if round(f * parent.steps) < parent.steps]
+        if not fractions:
+            return [parent]
+        cfg = parent.config
+        if cfg.optim.schedule != "wsd":
+            raise bad_value("branches", list(fractions), f"runs with optim.schedule wsd ({self.family} has "
+                            f"{cfg.optim.schedule}): a cooldown branch continues a stable phase")
+        branches, points = [], []
+        for fraction in fractions:
+            steps = round(fraction * parent.steps)
+            start = cooldown_start(cfg.optim, steps)
+            if start < max(cfg.optim.warmup_steps, 1):
+                raise bad_value("branches.fractions", fraction,
+                                f"fractions whose branch cools down after the warmup: {fraction} x {parent.steps} "
+                                f"steps of {self.family} at size {size} cools down from step {start}, the warmup "
+                                f"is {cfg.optim.warmup_steps} steps")
+            points.append(start)
+            evals = self.spec.evals_per_run
+            branch_raw = deep_merge(cfg.to_dict(), {"train": {
+                "steps": steps, "branch_from": f"{parent.run_id}/checkpoints/{start}",
+                "eval_every": max(1, (steps - start) // evals) if evals else cfg.train.eval_every}})
+            branch_cfg = config_from_dict(branch_raw)
+            branches.append(dataclasses.replace(parent, run_id=run_id(branch_cfg), config=branch_cfg,
+                                                branch_of=parent.run_id, fraction=fraction))
+        parent_cfg = config_from_dict(deep_merge(cfg.to_dict(), {"checkpoint": {"at": sorted(set(points))}}))
+        return [dataclasses.replace(parent, config=parent_cfg), *branches]
+
+
+def expand(spec: SweepSpec, lr_rules: dict | None = None) -> list[PlannedRun]:
+    """Every run of the spec, ordered by budget, then family, then size; duplicates (same id) once.
+
+    With an ``lr_grid``: its runs, and the main runs only once ``lr_rules`` ({family: ``lr.LrRule``},
+    from the finished grid, ``lmu_jax.sweep.lr.rules_from_grid``) is given."""
     runs, seen = [], set()
-    planned = [run for family in spec.families for run in plan_family(spec, family)]
-    for i, override in enumerate(spec.run_overrides):
-        if not any(override.applies(r.family, r.size, r.budget) for r in planned):
-            raise bad_value(f"run_overrides[{i}].match", override.match, "a match for at least one run of the sweep")
+    planned = [run for family in spec.families for run in plan_family(spec, family, lr_rules)]
+    main = [r for r in planned if r.stage == "main"]
+    checks = [(f"run_overrides[{i}].match", o) for i, o in enumerate(spec.run_overrides)]
+    checks += [(f"{name}.match", subset) for name, subset in (("seeds", spec.seeds), ("branches", spec.branches))
+               if subset is not None and subset.match]
+    for path, rule in checks:
+        if main and not any(rule.applies(r.family, r.size, r.budget) for r in main):
+            raise bad_value(path, rule.match, "a match for at least one run of the sweep")
     budget_order = {b: i for i, b in enumerate(spec.budgets)}
     family_order = {f: i for i, f in enumerate(spec.families)}
-    planned.sort(key=lambda r: (budget_order[r.budget], family_order[r.family], r.size))
+    # the lr grid first; a branch right after its parent (it starts from the parent's checkpoint)
+    planned.sort(key=lambda r: (r.stage != "lr_grid", budget_order.get(r.budget, -1), family_order[r.family],
+                                r.size, r.lr if r.stage == "lr_grid" else 0, r.seed, bool(r.branch_of), r.fraction))
     for run in planned:
         if run.run_id not in seen:
             seen.add(run.run_id)

@@ -1,0 +1,95 @@
+"""Learning rate per size: the best peak lr of each (family, size) from a sweep's lr grid, and the rule
+lr(N) = c · N^-γ per family that sets the main runs' lr (spec key ``lr_grid``, lmu_jax/sweep/spec.py).
+
+The best lr is the vertex of a parabola in log lr through the grid's lowest final validation loss and
+its two neighbours (a parabola is the local shape of loss against log lr near its minimum; far from it
+the curve is not one). When the lowest loss is at an end of the grid the optimum is not bracketed: the
+best lr is that end and the rule's record says so. The rule is a least-squares line in (log N, log lr*);
+with one grid size it is a constant (γ = 0). ``rules_from_grid`` writes ``lr_rule.json`` in the sweep
+directory, which the report reads to say how each run's lr was chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from lmu_jax import storage
+
+RULE_FILE = "lr_rule.json"
+
+
+@dataclass(frozen=True)
+class BestLr:
+    lr: float
+    bracketed: bool  # False: the lowest loss is at an end of the grid (the rule then extrapolates less well)
+
+
+def best_lr(lrs, losses) -> BestLr:
+    """The lr at the vertex of the parabola in log lr through the lowest loss and its neighbours."""
+    order = np.argsort(np.asarray(lrs, dtype=float))
+    grid = np.asarray(lrs, dtype=float)[order]
+    x, y = np.log(grid), np.asarray(losses, dtype=float)[order]
+    finite = np.isfinite(y)  # a diverged run (NaN loss) is not a minimum
+    i = int(np.argmin(np.where(finite, y, np.inf)))
+    if i == 0 or i == len(x) - 1 or not finite[i - 1:i + 2].all():
+        return BestLr(float(grid[i]), False)
+    a, b, _ = np.polyfit(x[i - 1:i + 2], y[i - 1:i + 2], 2)  # a > 0: y[i] is below both neighbours
+    return BestLr(float(math.exp(-b / (2 * a))), True)
+
+
+@dataclass(frozen=True)
+class LrRule:
+    family: str
+    c: float
+    gamma: float
+    points: tuple  # dicts: size, N, lrs, losses, best_lr, bracketed
+
+    def lr(self, n_params: int) -> float:
+        """The rule's lr at N non-embedding parameters (4 significant digits: a readable config)."""
+        return float(f"{self.c * n_params ** -self.gamma:.4g}")
+
+
+def fit_rule(family: str, points: list[dict]) -> LrRule:
+    """lr* = c · N^-γ through the points' (N, best_lr), least squares in logs."""
+    n = np.log([p["N"] for p in points])
+    lr = np.log([p["best_lr"] for p in points])
+    if len(set(n.tolist())) < 2:
+        return LrRule(family, float(math.exp(lr.mean())), 0.0, tuple(points))
+    slope, intercept = np.polyfit(n, lr, 1)
+    return LrRule(family, float(math.exp(intercept)), float(-slope), tuple(points))
+
+
+def rules_from_grid(sweep_dir, runs) -> dict | None:
+    """``{family: LrRule}`` from the finished lr-grid runs among ``runs`` (PlannedRun), or None while one
+    of them is unfinished; writes ``lr_rule.json`` into the sweep directory."""
+    from lmu_jax.sweep.runner import SweepDir
+
+    sweep = SweepDir(sweep_dir)
+    grid = [r for r in runs if r.stage == "lr_grid"]
+    groups: dict = {}
+    for run in grid:
+        run_dir = sweep.run_dir(run.run_id)
+        if not (run_dir / "DONE").exists() or not (run_dir / "eval.json").exists():
+            return None
+        loss = json.loads((run_dir / "eval.json").read_text())["loss"]
+        groups.setdefault((run.family, run.size), {"N": run.n_params, "lrs": [], "losses": []})
+        groups[run.family, run.size]["lrs"].append(run.lr)
+        groups[run.family, run.size]["losses"].append(float(loss))
+    points: dict = {}
+    for (family, size), group in groups.items():
+        best = best_lr(group["lrs"], group["losses"])
+        points.setdefault(family, []).append({"size": size, **group, "best_lr": best.lr, "bracketed": best.bracketed})
+    rules = {family: fit_rule(family, pts) for family, pts in points.items()}
+    if sweep.path.exists():
+        storage.write_text(sweep.path / RULE_FILE, json.dumps({f: asdict(r) for f, r in rules.items()}, indent=1) + "\n")
+    return rules
+
+
+def read_rules(sweep_dir) -> dict:
+    """The recorded rules of a sweep directory ({} when its lr came from the spec)."""
+    path = storage.path(sweep_dir) / RULE_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
