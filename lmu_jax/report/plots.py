@@ -288,7 +288,7 @@ def isoflop(entries: list, out_dir) -> list[Path]:
         span = fit_span(C)
         opt.plot(span, centre * (span / pivot) ** CHINCHILLA_A, "--", color="0.4", lw=1.2,
                  label=f"slope a = {CHINCHILLA_A:.2f} (Chinchilla), for reference")
-        log_axes(opt)
+        log_axes(opt, y_counts=True)
     else:
         opt.text(0.5, 0.5, "No budget brackets its optimum:\nno N_opt to show (see the flags in the report)",
                  ha="center", va="center", transform=opt.transAxes, fontsize=10)
@@ -327,20 +327,31 @@ def _legend(ax) -> None:
 
 def compact(value: float, _pos=None) -> str:
     """20k, 1.5M, 3G: short tick labels for counts (parameters, tokens, FLOPs)."""
-    for factor, suffix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+    for factor, suffix in ((1e18, "E"), (1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
         if abs(value) >= factor:
             return f"{value / factor:g}{suffix}"
     return f"{value:g}"
 
 
-def log_axes(ax, *, x_counts: bool = True) -> None:
-    """Log-log axes whose labels do not collide: 1-2-3-5 ticks on x (compact), loss-sized ticks on y."""
+def _count_ticks(axis, low: float, high: float) -> None:
+    """Compact count labels at 1-2-3-5 per decade, or at decades only where the axis spans more than 2."""
+    wide = high / low > 300
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0,) if wide else (1.0, 2.0, 3.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(compact))
+    axis.set_minor_formatter(ticker.NullFormatter())
+
+
+def log_axes(ax, *, x_counts: bool = True, y_counts: bool = False) -> None:
+    """Log-log axes whose labels do not collide: compact count ticks on x (and on y with ``y_counts``),
+    loss-sized ticks on y otherwise."""
     ax.set_xscale("log")
     ax.set_yscale("log")
     if x_counts:
-        ax.xaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 3.0, 5.0)))
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(compact))
-        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        _count_ticks(ax.xaxis, *ax.get_xlim())
+    if y_counts:
+        _count_ticks(ax.yaxis, *ax.get_ylim())
+        ax.grid(True, which="both", alpha=0.25)
+        return
     ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0)))
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     ax.yaxis.set_minor_formatter(ticker.NullFormatter())
