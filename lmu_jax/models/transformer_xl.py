@@ -55,6 +55,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, replace
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -64,7 +65,7 @@ from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import dense_flops
 from lmu_jax.models import Family
-from lmu_jax.models.layers import DEFAULT_INIT, Dense, dtype_of, partitioned
+from lmu_jax.models.layers import DEFAULT_INIT, Dense, Norm, dtype_of, partitioned
 
 PROJ_INIT = nn.initializers.normal(stddev=0.01)  # adaptive-IO projections (reference proj_init_std)
 MASKED = -1e30  # score of a masked key; finite, so a row is never NaN
@@ -178,17 +179,11 @@ def attention_mask(q_len: int, mem_len: int, valid, window: int = 0):
 # Sublayers (also the A and F blocks of the hybrid in qrnn.py)
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm in float32 with the reference's N(1, 0.02) weight init."""
+class LayerNorm(Norm):
+    """The project's float32 LayerNorm with the reference's epsilon and N(1, 0.02) weight init."""
 
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        y = nn.LayerNorm(epsilon=1e-5, dtype=jnp.float32, param_dtype=jnp.float32,
-                         scale_init=partitioned(layer_norm_scale_init, ("norm",)),
-                         bias_init=partitioned(nn.initializers.zeros, ("norm",)))(x.astype(jnp.float32))
-        return y.astype(self.dtype)
+    epsilon: float = 1e-5
+    scale_init: Callable = layer_norm_scale_init
 
 
 def _head_projection(features, name, dtype, use_bias=False):
