@@ -249,7 +249,7 @@ def compare(cfg, work_dir, devices, rounds: int, compile_: bool) -> dict:
     state, metrics = compiled(state, *batches[0])  # warm-up
     jax.block_until_ready(state)
     point = {"params": trainer.counts["total"], "flops_per_token": trainer.flops_per_token,
-             "tokens_per_step": trainer.tokens_per_step, "microbatches": cfg.train.microbatches,
+             "tokens_per_step": trainer.tokens_per_step, "microbatches": trainer.cfg.train.microbatches,
              "torch_params": sum(t.numel() for t in peers["torch_eager"].module.parameters() if t.requires_grad),
              "torch_threads": torch.get_num_threads()}
     started = time.perf_counter()

@@ -585,7 +585,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
         at = grid["lmu_impls_at"]
         if at and "lmu" in families and "train" in sections:  # every LMU memory kernel inside the real model, for "best impl"
             microbatches = accumulated_microbatches(at["tokens"], at["seq_len"])
-            for impl in MEMORY_IMPLS:  # remat off (the CPU speed setting); auto with remat on is in the grid
+            for impl in MEMORY_IMPLS:  # remat off, as model.remat=auto on CPU; the grid's points run impl auto
                 cfg = config("lmu", at["d_model"], at["seq_len"], at["tokens"], grid["n_layers"],
                              microbatches=microbatches, memory_impl=impl, remat=False)
                 point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} tokens={at['tokens']} "

@@ -113,7 +113,8 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 200  # optimizer steps; the LR schedule's horizon
     batch_size: int = 16  # global batch, in sequences
-    microbatches: int = 1  # gradient accumulation: the batch is split into this many parts
+    microbatches: int | str = "auto"  # gradient accumulation: the batch is split into this many parts (the same
+    #                                  update); auto: resolve_auto's choice for the platform (CPU: parts of ~512 tokens)
     seed: int = 0  # parameters and data order
     eval_every: int = 100  # steps between evaluations (0 = only at the end)
     nonfinite: str = "stop"  # stop | skip: what a NaN/Inf loss or gradient does
@@ -125,8 +126,10 @@ class TrainConfig:
     #                        from this run directory's parent (a sweep's sibling runs); "" = off
 
     def validate(self) -> None:
-        _positive(self, "steps", "batch_size", "microbatches")
-        if self.batch_size % self.microbatches:
+        _positive(self, "steps", "batch_size")
+        if self.microbatches != "auto" and (isinstance(self.microbatches, str) or self.microbatches <= 0):
+            raise bad_value("train.microbatches", self.microbatches, "auto or a positive int")
+        if self.microbatches != "auto" and self.batch_size % self.microbatches:
             raise bad_value("train.microbatches", self.microbatches,
                             f"a divisor of train.batch_size={self.batch_size}")
         if self.eval_every < 0:
@@ -450,6 +453,36 @@ def switch_family(raw: dict, overrides: list[str], source: str) -> tuple[dict, s
     notice = (f"notice: model.family={family} has no {', '.join(f'model.{k}' for k in dropped)}: "
               f"ignoring these {own} keys of {source}")
     return dict(raw, model={k: v for k, v in model.items() if k not in dropped}), notice
+
+
+# The `auto` settings. On CPU a train step is fastest when one part's activations stay in the last-level
+# cache: gradient accumulation over microbatches of this many tokens (at least one sequence) measured
+# 1.4x faster than one pass at d 1024 (benchmarks/results/cpu.md), for the families listed; the LSTM's
+# recurrent matmuls have one row per sequence of a part, and parts of 2 rows starved them (3x slower).
+# Accelerators keep one pass (their memory is what microbatches trade for) and remat (model.remat) on.
+CPU_MICROBATCH_TOKENS = 512
+CPU_ACCUMULATED_FAMILIES = ("transformer", "lmu", "lmu_attn")
+
+
+def resolve_auto(cfg: RunConfig, platform: str, data_parallel: int = 1) -> RunConfig:
+    """``cfg`` with every ``auto`` speed setting made concrete for `platform` (jax.default_backend()):
+    ``train.microbatches`` and ``model.remat`` (families that have it). The Trainer calls this first, so
+    the run's config.yaml, run id and checkpoints hold the values used. Neither changes the update:
+    microbatches split the same batch's gradient sum, remat recomputes instead of storing."""
+    model, train = cfg.model, cfg.train
+    if getattr(model, "remat", None) == "auto":
+        model = dataclasses.replace(model, remat=platform != "cpu")
+    if train.microbatches == "auto":
+        parts = 1
+        if platform == "cpu" and model.family in CPU_ACCUMULATED_FAMILIES:
+            # the most parts whose rows are a multiple of the data-parallel size and hold >= the tokens
+            for count in range(1, train.batch_size + 1):
+                rows = train.batch_size // count
+                if train.batch_size % count == 0 and rows % data_parallel == 0 \
+                        and rows * cfg.data.seq_len >= CPU_MICROBATCH_TOKENS:
+                    parts = count
+        train = dataclasses.replace(train, microbatches=parts)
+    return cfg.replace(model=model, train=train)
 
 
 def dump_config(cfg: RunConfig) -> str:

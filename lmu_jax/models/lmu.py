@@ -21,7 +21,7 @@ also keeps a key/value cache for its global attention, which is O(n) in the toke
 recomputes the GELU'd (batch, time, 3q', d) Q, K, V and their intermediates instead of saving them
 (the saved residuals drop ~2.7x at q 64), at the cost of time (README "Performance" says how much on
 CPU). XLA:CPU's own buffer assignment showed no peak-memory change, so the saving is for
-accelerators, where activations bound the batch; turn it off for speed on CPU.
+accelerators, where activations bound the batch; ``auto`` (the default) turns it off on CPU.
 
 FLOPs: ``forward_flops_per_token`` counts the memory by the paper's Table 2 (the FFT path), whatever
 ``memory_impl`` runs, so a model's FLOPs do not depend on the kernel picked for the hardware;
@@ -58,7 +58,8 @@ class LMUConfig(ModelConfig):
     chunk_len: int = 0  # memory_impl=chunked: chunk length C (0 = lmu_jax.ops.default_chunk_len)
     d_ff: int = 0  # FFN hidden width d' (0 = 4 * d_model)
     attn_scale: float = 0.0  # implicit-attention logit scale s (0 = 1/sqrt(d_model); the paper writes none, i.e. 1)
-    remat: bool = True  # recompute memory + implicit attention in the backward pass (see module docstring)
+    remat: bool | str = "auto"  # recompute memory + implicit attention in the backward pass (see module docstring);
+    #                             auto: off on CPU, on elsewhere (lmu_jax.config.resolve_auto, called by the Trainer)
 
     @property
     def reduced_order(self) -> int:
@@ -92,6 +93,8 @@ class LMUConfig(ModelConfig):
             raise bad_value("model.d_ff", self.d_ff, "0 (4*d_model) or a positive int")
         if self.attn_scale < 0:
             raise bad_value("model.attn_scale", self.attn_scale, "0 (1/sqrt(d_model)) or a positive number")
+        if self.remat not in (True, False, "auto"):
+            raise bad_value("model.remat", self.remat, "true, false or auto")
 
     def resolved(self, vocab_size: int, seq_len: int) -> "LMUConfig":
         cfg = super().resolved(vocab_size, seq_len)
@@ -223,7 +226,8 @@ class LMUBlock(nn.Module):
             self.attn = GlobalAttention(cfg.d_model, cfg.n_heads, cfg.positions == "rope", cfg.n_layers, dtype)
         else:
             self.ffn_in = Mlp(cfg.ff_width, cfg.n_layers, dtype)
-        memory_cls = nn.remat(ImplicitAttention) if cfg.remat else ImplicitAttention
+        # an unresolved auto (a model built outside the Trainer) recomputes: the memory-safe choice
+        memory_cls = nn.remat(ImplicitAttention) if cfg.remat in (True, "auto") else ImplicitAttention
         self.memory = memory_cls(cfg)
         self.ffn_out = Mlp(cfg.ff_width, cfg.n_layers, dtype)
 

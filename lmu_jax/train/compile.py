@@ -103,8 +103,9 @@ def compile_train_step(cfg, devices):
     import jax
     import jax.numpy as jnp
 
+    from lmu_jax.config import resolve_auto
     from lmu_jax.models import build_model, carries_state
-    from lmu_jax.sharding import make_mesh
+    from lmu_jax.sharding import data_parallel_size, make_mesh
     from lmu_jax.train.commands import _default_vocab
     from lmu_jax.train.loop import Trainer
 
@@ -112,9 +113,11 @@ def compile_train_step(cfg, devices):
         """The trainer's state, shardings and jitted step, without data or a run directory."""
 
         def __init__(self):
-            self.cfg, self.seq_len = cfg, cfg.data.seq_len
             self.mesh = make_mesh(cfg.mesh, devices)
-            self.model_cfg = cfg.model.resolved(_default_vocab(cfg), self.seq_len)
+            # the `auto` settings as the trainer resolves them on the target's platform
+            self.cfg = resolve_auto(cfg, devices[0].platform, data_parallel_size(self.mesh))
+            self.seq_len = cfg.data.seq_len
+            self.model_cfg = self.cfg.model.resolved(_default_vocab(cfg), self.seq_len)
             self.model_cfg.validate()
             self.model = build_model(self.model_cfg)
             self.carried = carries_state(self.model_cfg, cfg.data.order)

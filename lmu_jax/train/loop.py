@@ -30,7 +30,7 @@ from jax.experimental import multihost_utils
 from etils import epath
 
 from lmu_jax import distributed, storage
-from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
+from lmu_jax.config import RunConfig, config_from_dict, read_yaml, resolve_auto, run_id
 from lmu_jax.data.pipeline import StreamBatcher, WindowBatcher, prepare, to_global_array
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
@@ -66,10 +66,11 @@ def open_data(cfg: RunConfig):
 
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir, devices=None):
-        self.cfg = cfg
         self.run = RunDir(run_dir)
         self.mesh = make_mesh(cfg.mesh, devices)
         dp = data_parallel_size(self.mesh)
+        # the `auto` settings made concrete first: config.yaml, the run id and checkpoints hold them
+        self.cfg = cfg = resolve_auto(cfg, self.mesh.devices.flat[0].platform, dp)
         if cfg.train.batch_size % dp:
             raise bad_value("train.batch_size", cfg.train.batch_size,
                             f"a multiple of the data-parallel size {dp} (mesh.data x mesh.fsdp)")
