@@ -198,3 +198,32 @@ def test_sigterm_to_the_runner_checkpoints_the_run_and_a_rerun_resumes(tmp_path,
     log = (run_dir / "train.log").read_text()
     assert f"resuming {run_dir} from step" in log and (run_dir / "DONE").exists()
     assert json.loads((run_dir / "sweep.json").read_text())["attempts"] == 2
+
+
+@pytest.mark.slow
+def test_sweep_runs_a_cooldown_branch_after_its_parent_and_collects_it(tmp_path, kjv_cache):
+    """A wsd run and its branch at half the horizon through `sweep run`: the branch starts from its
+    sibling parent's checkpoint at its own cooldown start and is collected as an (N, D) point of its own."""
+    raw = spec_dict(kjv_cache, families=["transformer"], sizes=[5_000], budgets={"flops": [4.0e8]},
+                    branches=[0.5, 1])
+    raw["base"]["optim"] = {"lr": 3.0e-3, "schedule": "wsd"}
+    spec_path = tmp_path / "branches.yaml"
+    spec_path.write_text(yaml.safe_dump(raw))
+    parent, branch = expand(parse_spec(raw))
+    sweep_dir = tmp_path / "sweep"
+    done = cli_subprocess(["sweep", "run", str(spec_path), "--sweep-dir", str(sweep_dir), "--no-progress"],
+                          devices=1, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    start = int(branch.config.train.branch_from.rsplit("/", 1)[1])
+    assert (sweep_dir / "runs" / parent.run_id / "checkpoints" / str(start)).is_dir()  # kept for the branch
+    log = (sweep_dir / "runs" / branch.run_id / "train.log").read_text()
+    assert f"branching from {sweep_dir / 'runs' / parent.run_id} at step {start}" in log
+    metrics = [json.loads(line) for line in (sweep_dir / "runs" / branch.run_id / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in metrics if r["kind"] == "train"][0] == start + 1
+    assert cli_subprocess(["sweep", "collect", str(spec_path), "--sweep-dir", str(sweep_dir)], devices=1).returncode == 0
+    with open(sweep_dir / "results.csv") as f:
+        rows = {row["branch_from"]: row for row in csv.DictReader(f)}
+    assert rows[""]["budget_kind"] == "flops" and rows[branch.config.train.branch_from]["budget_kind"] == "branch"
+    point = rows[branch.config.train.branch_from]
+    assert branch.steps == round(parent.steps / 2) and int(point["D"]) == branch.tokens  # prefix + cooldown
+    assert float(point["C"]) == pytest.approx(branch.flops)

@@ -107,10 +107,11 @@ def noise_sections(sweep_dir, results, equal_flops, efficiency, families) -> lis
              f"{st['mean']:.4f} ± {st['std']:.4f}" if math.isfinite(st["std"]) else f"{st['mean']:.4f} (one seed)"]
             for st in stats]
     s.append(("table", (header, rows)))
-    s.append(("p", "Family against family at equal FLOPs (the table \"Loss at equal FLOPs\", seed means): "
-                   "Δ = loss of X - loss of Y, with σ its seed standard error."))
-    s.append(("table", (["budget", "size", "X", "Y", "seeds X / Y", "Δ (nats)", "σ", "verdict"],
-                        equal_flops_differences(equal_flops, families, floor))))
+    differences = equal_flops_differences(equal_flops, families, floor)
+    if differences:
+        s.append(("p", "Family against family at equal FLOPs (the table \"Loss at equal FLOPs\", seed means): "
+                       "Δ = loss of X - loss of Y, with σ its seed standard error."))
+        s.append(("table", (["budget", "size", "X", "Y", "seeds X / Y", "Δ (nats)", "σ", "verdict"], differences)))
     efficiency = efficiency_differences(efficiency)
     if efficiency:
         s.append(("p", "Data efficiency over the seeds (seed s of X against seed s of Y); within noise when the "

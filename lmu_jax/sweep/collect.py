@@ -129,7 +129,7 @@ def collect(sweep_dir) -> dict:
             continue
         rows.append(row)
         evaluation = json.loads((run_dir / "eval.json").read_text())
-        per_position[rid] = {"family": row["family"], "N": row["N"], "D": row["D"], "C": row["C"],
+        per_position[row["run_id"]] = {"family": row["family"], "N": row["N"], "D": row["D"], "C": row["C"],
                              "val_loss": row["val_loss"], "per_position_loss": evaluation["per_position_loss"]}
     csv_path = sweep.path / "results.csv"
     storage.write_text(csv_path, csv_text(rows))
