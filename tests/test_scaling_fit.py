@@ -45,7 +45,7 @@ def test_golden_point_fit_on_240_runs(fit_240):
     assert fit.beta == pytest.approx(0.3672, abs=0.005)
     assert fit.A == pytest.approx(477.8, rel=0.05)
     assert fit.B == pytest.approx(2143.9, rel=0.05)
-    assert fit.objective == pytest.approx(1.01827e-3, rel=1e-4)  # spec's refit, summed objective
+    assert fit.objective == pytest.approx(1.01827e-3, rel=1e-4)  # the summed objective at the refit's optimum
     assert fit.converged, fit.message
     assert fit.n_points == 240 and fit.n_starts == 4500
     assert fit.n_starts_agree > 100  # hundreds of starts end at the same optimum
@@ -111,7 +111,7 @@ def test_loss_scale_regression_mean_objective_stops_early_and_is_detected(chinch
 
     stuck = minimize_from_starts(problem, start, reduction="mean", polish=False)
     A, B, E = np.exp(stuck.theta[[1, 2, 0]])
-    assert (A, B, E) == pytest.approx((406.40, 410.73, 1.6934), rel=2e-4)  # spec's measurement
+    assert (A, B, E) == pytest.approx((406.40, 410.73, 1.6934), rel=2e-4)  # where the mean-objective fit stops early
     assert not stuck.converged and "stopped early" in stuck.message
 
     handled = minimize_from_starts(problem, start, reduction="mean")  # polish: scale-free restarts
