@@ -159,8 +159,8 @@ def loss_vs_flops(results, frontiers: dict, out_dir) -> list[Path]:
     log_axes(ax)
     ax.set_xlabel("training FLOPs C (our convention)")
     ax.set_ylabel("loss (nats/token)")
-    ax.set_title("Loss vs training FLOPs (curves: training loss; dots: final validation)\n" + FLOP_CONVENTION,
-                 fontsize=9)
+    curves = "curves: training loss; " if any(r.flops.size for r in results) else ""
+    ax.set_title(f"Loss vs training FLOPs ({curves}dots: final validation)\n" + FLOP_CONVENTION, fontsize=9)
     _legend(ax)
     return save(fig, out_dir, "loss_vs_flops")
 
