@@ -65,17 +65,21 @@ def fit_rule(family: str, points: list[dict]) -> LrRule:
 
 def rules_from_grid(sweep_dir, runs) -> dict | None:
     """``{family: LrRule}`` from the finished lr-grid runs among ``runs`` (PlannedRun), or None while one
-    of them is unfinished; writes ``lr_rule.json`` into the sweep directory."""
-    from lmu_jax.sweep.runner import SweepDir
+    of them is yet to run; writes ``lr_rule.json`` into the sweep directory. A grid run that failed
+    (typically: diverged at a too-high lr, ``train.nonfinite=stop``) counts as a NaN loss."""
+    from lmu_jax.sweep.runner import SweepDir, read_record
 
     sweep = SweepDir(sweep_dir)
     grid = [r for r in runs if r.stage == "lr_grid"]
     groups: dict = {}
     for run in grid:
         run_dir = sweep.run_dir(run.run_id)
-        if not (run_dir / "DONE").exists() or not (run_dir / "eval.json").exists():
+        if (run_dir / "DONE").exists() and (run_dir / "eval.json").exists():
+            loss = json.loads((run_dir / "eval.json").read_text())["loss"]
+        elif read_record(run_dir).get("state") == "failed":
+            loss = math.nan
+        else:
             return None
-        loss = json.loads((run_dir / "eval.json").read_text())["loss"]
         groups.setdefault((run.family, run.size), {"N": run.n_params, "lrs": [], "losses": []})
         groups[run.family, run.size]["lrs"].append(run.lr)
         groups[run.family, run.size]["losses"].append(float(loss))
