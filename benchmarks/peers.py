@@ -107,7 +107,7 @@ def check_supported(model_cfg) -> None:
         raise ValueError("the peers are float32 models with tied embeddings")
     if family == "transformer" and model_cfg.positions != "learned":
         raise ValueError("the GPT peer has learned positions: use model.positions=learned")
-    if family == "lstm" and (model_cfg.d_proj or model_cfg.hoist_inputs):
+    if family == "lstm" and model_cfg.d_proj:
         raise ValueError("the torch.nn.LSTM peer has no projection (model.d_proj=0)")
 
 

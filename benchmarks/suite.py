@@ -85,7 +85,7 @@ FULL = {
     "max_bytes": 1_000_000,
     # the PyTorch peers at issue 17's shapes: batch 16 x 256 tokens, our default settings otherwise
     "peers": {"d_models": (256, 512, 1024), "n_layers": {"transformer": 4, "lstm": 2}, "seq_len": 256,
-              "batch_size": 16, "rounds": 3, "compile": False},
+              "batch_size": 16, "rounds": 3},
 }
 QUICK = {
     "ceiling_size": 1024, "copy_mib": 64,
@@ -99,7 +99,7 @@ QUICK = {
     "sharding": {"d_model": 64, "n_layers": 1, "seq_len": 64, "batch_size": 8},
     "max_bytes": 300_000,
     "peers": {"d_models": (64,), "n_layers": {"transformer": 1, "lstm": 1}, "seq_len": 64, "batch_size": 4,
-              "rounds": 2, "compile": False},
+              "rounds": 2},
 }
 # A scaling point whose compiled step would need more than this fraction of the host's memory is not
 # run (XLA:CPU materialises the transformer's n x n attention scores): recorded as skipped, with the
@@ -319,9 +319,10 @@ def _run_point(label: str, fn, *args, **kwargs) -> dict:
 # --- PyTorch peers ---------------------------------------------------------------------------------
 
 
-def run_peers(grid: dict, families, device, max_bytes: int) -> dict:
-    """Our train step at our default settings against its PyTorch peer (benchmarks/peers.py), at each
-    width, interleaved in this process: ours / theirs is the time ratio (< 1: ours is faster)."""
+def run_peers(grid: dict, families, device, max_bytes: int, compile_: bool = False) -> dict:
+    """Our train step at our default settings against its PyTorch peer (benchmarks/peers.py), eager and
+    with `compile_` also torch.compile'd, at each width, interleaved in this process: ours / theirs is
+    the time ratio (< 1: ours is faster)."""
     from benchmarks import peers
     from lmu_jax.config import TrainConfig
 
@@ -342,7 +343,7 @@ def run_peers(grid: dict, families, device, max_bytes: int) -> dict:
                                  max_bytes, microbatches=TrainConfig().microbatches)
                 where = Path(tmp) / f"{family}_{d_model}"
                 point = _run_point(f"peers {family} d={d_model}", peers.compare, cfg, where, [device],
-                                   rounds=grid["rounds"], compile_=grid["compile"])
+                                   rounds=grid["rounds"], compile_=compile_)
                 points.append({"family": family, "d_model": d_model, "n_layers": model["n_layers"],
                                "n_heads": model.get("n_heads"), "seq_len": grid["seq_len"],
                                "batch_size": grid["batch_size"], **point})
@@ -525,9 +526,9 @@ def run_sharding_worker(spec: dict, devices: int, timeout_s: float = 900) -> dic
 # --- the whole benchmark ------------------------------------------------------------------------
 
 
-def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
+def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile: bool = False) -> dict:
     """The ceiling and the chosen sections, in this process (sharding: in two child processes); a
-    JSON-ready dict."""
+    JSON-ready dict. `peers_compile`: the peers section also times torch.compile'd peers."""
     from benchmarks import lmu_memory
 
     grid = QUICK if quick else FULL
@@ -637,7 +638,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS) -> dict:
             seconds["sharding"] = time.time() - started - sum(seconds.values())
 
     if "peers" in sections:
-        results["peers"] = run_peers(grid["peers"], families, device, grid["max_bytes"])
+        results["peers"] = run_peers(grid["peers"], families, device, grid["max_bytes"], peers_compile)
         seconds["peers"] = time.time() - started - sum(seconds.values())
 
     if "lmu_memory" in sections:

@@ -1,4 +1,5 @@
-"""CLI: `lmu-jax bench [--quick] [--families a,b] [--sections a,b] [--peers] [--out DIR]`, the performance benchmark.
+"""CLI: `lmu-jax bench [--quick] [--families a,b] [--sections a,b] [--peers [--peers-compile]] [--out DIR]`: the
+performance benchmark.
 
 The measuring code lives in ``benchmarks/suite.py`` (ceiling, train steps through the Trainer, the whole
 loop, sequence-length scaling, sharding overhead), ``benchmarks/peers.py`` (the PyTorch peers) and
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--peers", action="store_true",
                    help="the PyTorch peers of the transformer and the LSTM (the `peers` extra), timed against ours "
                    "at batch 16 x 256 tokens: the same as --sections peers, or added to the --sections given")
+    p.add_argument("--peers-compile", action="store_true",
+                   help="the peers also run torch.compile'd (its compile took ~2 minutes per model on 2 loaded cores)")
     p.set_defaults(func=cmd_bench)
 
 
@@ -51,7 +54,9 @@ def cmd_bench(args) -> int:
         sections = parse_names("--sections", args.sections, suite.SECTIONS + suite.OPTIONAL_SECTIONS)
     if args.peers and "peers" not in sections:
         sections += ("peers",)
-    results = suite.run(args.quick, families, sections)
+    if args.peers_compile and "peers" not in sections:
+        raise bad_value("--peers-compile", True, "used with --peers or --sections ...,peers")
+    results = suite.run(args.quick, families, sections, peers_compile=args.peers_compile)
     for path in suite.write_results(results, args.out):  # the LMU kernel table is a section of them
         print(f"wrote {path}")
     return 0

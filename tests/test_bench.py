@@ -86,6 +86,12 @@ def test_unknown_section_is_a_user_error(capsys, tmp_path):
     assert "--sections='loop,speed' is invalid" in capsys.readouterr().err
 
 
+def test_peers_compile_needs_the_peers(capsys, tmp_path):
+    assert main(["bench", "--peers-compile", "--sections", "loop", "--out", str(tmp_path)]) == 2
+    assert "--peers-compile=True is invalid: used with --peers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_dot_flops_are_read_from_the_compiled_module():
     """2 x output elements x contracted size, for a plain dot and for dots inside a fusion and a batch."""
     a, b = jnp.ones((64, 32)), jnp.ones((32, 16))
