@@ -204,8 +204,14 @@ def test_design_refuses(kjv_cache, kwargs, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
-def test_design_cli_bad_input_exit_2(tmp_path):
-    done = cli_subprocess(["sweep", "design", "--families", "transformer", "--flops", "1e9", "--hours", "1",
-                           "--flops-per-s", "1e9", "--out", str(tmp_path / "x.yaml")], devices=1)
+def test_design_cli_bad_input_exit_2(tmp_path, kjv_cache):
+    args = ["sweep", "design", "--families", "transformer", "--hours", "1", "--flops-per-s", "1e9",
+            "--out", str(tmp_path / "x.yaml")]
+    done = cli_subprocess([*args, "--flops", "1e9"], devices=1)
     assert done.returncode == 2 and done.stderr.startswith("error: --flops='1e9' is invalid: 2 positive numbers")
+    base = tmp_path / "base.yaml"  # the 100 kB corpus slice: ~90 k training tokens
+    base.write_text(yaml.safe_dump({"data": spec_dict(kjv_cache)["base"]["data"]}))
+    done = cli_subprocess([*args, "--flops", "3e10:3e10", "--base", str(base)], devices=1)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "epochs of the corpus's" in done.stderr and "tokens of data: a bigger corpus" in done.stderr
     assert not (tmp_path / "x.yaml").exists()

@@ -272,7 +272,7 @@ def cmd_design(args) -> int:
     from lmu_jax import storage
     from lmu_jax.config import read_yaml
     from lmu_jax.models import FAMILIES
-    from lmu_jax.sweep.design import design, print_design, write_design
+    from lmu_jax.sweep.design import budgets_between, design, print_design, write_design
 
     families = [f.strip() for f in args.families.split(",") if f.strip()]
     for family in families or [""]:
@@ -288,5 +288,11 @@ def cmd_design(args) -> int:
                        max_epochs=args.max_epochs, name=args.name or Path(args.out).stem)
     write_design(args.out, raw)
     print_design(raw, rows, prior)
+    dropped = [c for c in budgets_between(low, high) if c not in raw["budgets"]["flops"]]
+    if dropped:
+        print(f"left out to fit in --hours={args.hours:g}: the budgets {', '.join(f'{c:.3g}' for c in dropped)} FLOPs")
+    if len(raw["budgets"]["flops"]) < 3:
+        print(f"note: {len(raw['budgets']['flops'])} budget(s) bracket N_opt but fix no exponent N_opt ~ C^a, which "
+              "needs >= 3 budgets (docs/scaling.md, 'Designing a study'): widen --flops or raise --hours")
     print(f"wrote {args.out}; `lmu-jax sweep run {args.out}` runs it")
     return 0
