@@ -55,7 +55,8 @@ is the (N, D = T_b tokens) point that a run of T_b steps would give. The parent 
 Learning rate grid: its runs (stage ``lr_grid``) run first; the best lr per (family, size) is the vertex
 of a parabola in log lr through the final validation losses, and lr(N) = c N^-gamma fitted per family
 sets ``optim.lr`` of every main run (``lmu_jax.sweep.lr``; the rule wins over the spec's lr). The main
-runs are planned once the grid is done.
+runs are planned once the grid is done. Grid runs take the base and family overrides, not run_overrides,
+seeds or branches.
 """
 
 from __future__ import annotations
