@@ -15,6 +15,7 @@ import pytest
 from lmu_jax import cli
 from lmu_jax.errors import EXIT_USER_ERROR, UserError
 from lmu_jax.scaling import fit_chinchilla, fit_isoflop, fit_power_law, rollout
+from lmu_jax.scaling.commands import read_table
 from lmu_jax.scaling.laws import ChinchillaLaw
 
 LAW = ChinchillaLaw(E=1.7, A=400.0, B=410.0, alpha=0.34, beta=0.28)
@@ -93,6 +94,14 @@ def test_well_posed_synthetic_fits_are_identified():
     x = np.geomspace(1e4, 1e6, 12)
     power = fit_power_law(x, (1.5 + 30 * x**-0.3) * np.exp(rng.normal(0, 0.003, x.size)), bootstrap=30)
     assert power.identified, power.warnings
+
+
+def test_the_chinchilla_replication_is_identified():
+    """Epoch's 240 runs: B's standard error is 60 % of B, but the law is fixed where the data are."""
+    table = read_table(str(Path(__file__).parent / "data" / "chinchilla_epoch_fig4.csv"))
+    keep = np.argsort(table["loss"], kind="stable")[:-5]  # Epoch dropped the 5 highest losses
+    fit = fit_chinchilla(table["N"][keep], table["D"][keep], table["loss"][keep], bootstrap=20, max_starts=200)
+    assert fit.identified, fit.warnings
 
 
 def test_rollout_predictions_fall_inside_their_intervals_at_about_the_nominal_rate():
