@@ -11,7 +11,7 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 $(STAMP): setup.py | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,tfds,tb,peers]"
+	$(BIN)/pip install --quiet -e ".[dev,tfds,tb,peers,tpu]"
 	rm -f $(VENV)/.installed-*; touch $(STAMP)
 
 install: $(STAMP)

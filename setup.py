@@ -27,6 +27,9 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9", "array-record"],
         "gcs": ["gcsfs"],  # gs:// paths through etils.epath (orbax/tensorstore need nothing more)
         "tb": ["tensorboardX"],
+        # libtpu, for a TPU VM and for compiling for TPU topologies on any Linux x86-64 host (`lmu-jax
+        # compile --topology v5e-16`, tests/test_tpu_compile.py); it publishes no wheels elsewhere
+        "tpu": ["jax[tpu]; sys_platform == 'linux' and platform_machine == 'x86_64'"],
         # `lmu-jax bench --peers`: PyPI's Linux torch wheel pulls its CUDA libraries too (~2.9 GB of wheels,
         # ~5 GB installed, ~2 min here); it imports and runs on CPU only with them (libtorch links them)
         "peers": ["torch"],

@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmu_jax.ops.memory import target_platform
+
 DEFAULT_INIT = nn.initializers.normal(stddev=0.02)
 
 
@@ -101,7 +103,7 @@ def causal_attention(q, k, v):
     of the (block x keys) probabilities, with the row max held out of the gradient (softmax is shift
     invariant). README "Performance" has what this saves on CPU.
     """
-    if jax.default_backend() != "cpu":
+    if target_platform() != "cpu":  # the platform compiled for (an AOT compile's target, not the host)
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     time, head_dim = q.shape[1], q.shape[-1]
     blocks = ATTENTION_MAX_BLOCKS

@@ -19,6 +19,8 @@ diagonalised route: A's eigenvectors have condition number ~1e8 already at order
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 
 import jax
@@ -46,18 +48,48 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 #     (1.5x) and by ~1.25x in head-to-head runs at 1024 and 4096 (the full grid: within 3 % at 1024,
 #     fft 1.10x faster at 4096); at 16384 chunked won the full grid by 1.23x (median and minimum).
 # With the current kernels auto is within 9 % of the fastest everywhere (lmu_memory_cpu.md).
-# Thresholds sit between measured points. GPU/TPU are not measured yet: they take the FFT, the most
-# accurate kernel (docs/lmu.md), until a device benchmark adds rows for them.
+# Thresholds sit between measured points.
+# TPU rows: XLA's TPU compiler, ahead of time (benchmarks/results/tpu_lmu_memory.md: the folded memory
+# forward + backward at 16,384 tokens x 256 channels per v5e chip). At order 256, n 1024 the chunked scan
+# needs 1.45 GiB and a 12 ms roofline estimate, the FFT 9.62 GiB and 201 ms (its (r x F) complex spectra
+# per channel), the sequential scan 5.29 GiB and n dependent steps: chunked everywhere.
+# The unfolded memory on TPU, and GPU: not measured; they take the same pick by the same reasoning (the FFT's per-frequency (r x F)
+# complex spectra are memory the chunked scan never forms; the sequential scan runs n dependent
+# steps) until a GPU measurement replaces them.
 _AUTO_TABLE = {
     ("cpu", False): [(4096, 32, "chunked"), (None, None, "sequential")],
     ("cpu", True): [(None, 128, "chunked"), (8192, None, "fft"), (None, None, "chunked")],
+    ("tpu", False): [(None, None, "chunked")],
+    ("tpu", True): [(None, None, "chunked")],
+    ("gpu", False): [(None, None, "chunked")],
+    ("gpu", True): [(None, None, "chunked")],
 }
-_AUTO_DEFAULT = "fft"
+_AUTO_DEFAULT = "chunked"  # any other platform: the accelerators' pick
+
+
+_TARGET_PLATFORM = contextvars.ContextVar("lmu_jax_target_platform", default=None)
+
+
+def target_platform() -> str:
+    """The platform the program being traced will run on: the one `compiling_for` names (an
+    ahead-of-time compile for a TPU topology from a CPU host), else JAX's default backend."""
+    return _TARGET_PLATFORM.get() or jax.default_backend()
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace for ``platform`` ("cpu", "gpu", "tpu"): the kernels picked by platform (impl="auto",
+    chunk lengths, attention) follow the compilation's target, not the host that compiles."""
+    token = _TARGET_PLATFORM.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET_PLATFORM.reset(token)
 
 
 def select_memory_impl(length: int, order: int, folded: bool = False, platform: str | None = None) -> str:
     """The implementation impl="auto" runs for this sequence length and order."""
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     for max_length, max_order, impl in _AUTO_TABLE.get((platform, folded), []):
         if (max_length is None or length <= max_length) and (max_order is None or order <= max_order):
             return impl
@@ -73,7 +105,7 @@ def default_chunk_len(order: int, platform: str | None = None) -> int:
     C = 32 is best or within ~10 % of best for orders 16 and 64, C = 64 for order 256.
     Elsewhere (unmeasured) 64, the low end of the MXU/tensor-core-friendly 64-128.
     """
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if platform == "cpu":
         return 32 if order < 128 else 64
     return 64
@@ -144,11 +176,11 @@ def _fft(u, order, theta, readout):
 
 
 def _chunked(u, order, theta, readout, chunk_len):
-    return chunked_memory(u, order, theta, chunk_len or default_chunk_len(order), readout)
+    return chunked_memory(u, order, theta, chunk_len, readout)
 
 
+@functools.partial(jax.jit, static_argnames=("order", "theta", "impl", "chunk_len"))
 def _run(u, order, theta, impl, chunk_len, readout):
-    impl = _resolve_impl(impl, u.shape[1], order, readout is not None)
     if impl == "sequential":
         return _sequential(u, order, theta, readout)
     if impl == "fft":
@@ -156,10 +188,17 @@ def _run(u, order, theta, impl, chunk_len, readout):
     return _chunked(u, order, theta, readout, chunk_len)
 
 
+def _dispatch(u, order, theta, impl, chunk_len, readout):
+    # "auto" and the default chunk length resolve here, outside the jit: the jit's trace cache keys
+    # on its static arguments, so a trace made for one platform is never reused for another.
+    impl = _resolve_impl(impl, u.shape[1], order, readout is not None)
+    chunk_len = (chunk_len or default_chunk_len(order)) if impl == "chunked" else None
+    return _run(u, order, theta, impl, chunk_len, readout)
+
+
 # --- public API ---------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("order", "theta", "impl", "chunk_len"))
 def lmu_memory(u: jax.Array, order: int, theta: float, impl: str = "auto", chunk_len: int | None = None) -> jax.Array:
     """Legendre memory of every channel: u (batch, time, channels) -> m (batch, time, channels, order).
 
@@ -167,10 +206,9 @@ def lmu_memory(u: jax.Array, order: int, theta: float, impl: str = "auto", chunk
     `chunk_len` only matters for impl="chunked" (default `default_chunk_len`; any value >= 1
     works, n need not be a multiple).
     """
-    return jnp.swapaxes(_run(_check_input(u), order, theta, impl, chunk_len, None), -1, -2)
+    return jnp.swapaxes(_dispatch(_check_input(u), order, theta, impl, chunk_len, None), -1, -2)
 
 
-@functools.partial(jax.jit, static_argnames=("order", "theta", "impl", "chunk_len"))
 def lmu_memory_folded(
     u: jax.Array, reduce: jax.Array, order: int, theta: float, impl: str = "auto", chunk_len: int | None = None
 ) -> jax.Array:
@@ -183,7 +221,7 @@ def lmu_memory_folded(
     reduce = _as_float32(reduce, "reduce")
     if reduce.ndim != 2 or reduce.shape[1] != order:
         raise ValueError(f"reduce must have shape (r, order={order}), got shape {reduce.shape}")
-    return _run(_check_input(u), order, theta, impl, chunk_len, reduce)
+    return _dispatch(_check_input(u), order, theta, impl, chunk_len, reduce)
 
 
 @functools.partial(jax.jit, static_argnames=("order", "theta"))
