@@ -467,7 +467,8 @@ CPU_ACCUMULATED_FAMILIES = ("transformer", "lmu", "lmu_attn")
 def resolve_auto(cfg: RunConfig, platform: str, data_parallel: int = 1) -> RunConfig:
     """``cfg`` with every ``auto`` speed setting made concrete for `platform` (jax.default_backend()):
     ``train.microbatches`` and ``model.remat`` (families that have it). The Trainer calls this first, so
-    the run's config.yaml, run id and checkpoints hold the values used. Neither changes the update:
+    the run's config.yaml and checkpoints hold the values used (its run id stays that of the config as
+    given: a sweep's planned id names its run directory). Neither changes the update:
     microbatches split the same batch's gradient sum, remat recomputes instead of storing."""
     model, train = cfg.model, cfg.train
     if getattr(model, "remat", None) == "auto":

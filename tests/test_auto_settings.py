@@ -3,13 +3,15 @@ and that the update is the one of the explicit setting."""
 
 from __future__ import annotations
 
+import json
+
 import jax
 import numpy as np
 import pytest
 import yaml
 
 from lmu_jax.cli import main
-from lmu_jax.config import config_from_dict, resolve_auto
+from lmu_jax.config import config_from_dict, resolve_auto, run_id
 from lmu_jax.train.loop import Trainer
 from tests.helpers import tiny_config, train_losses, write_config
 
@@ -63,6 +65,8 @@ def test_auto_trains_as_its_explicit_setting(kjv_cache, tmp_path):
         assert trainer.cfg.train.microbatches == (2 if setting == "auto" else setting)
         trainer.train()
         losses[setting] = [loss for _, loss in train_losses(trainer.run.path)]
+        if setting == "auto":  # the run id is the config's as given (a sweep plans by it)
+            assert json.loads((trainer.run.path / "eval.json").read_text())["run_id"] == run_id(cfg)
     recorded = yaml.safe_load((tmp_path / "run_auto" / "config.yaml").read_text())
     assert recorded["train"]["microbatches"] == 2
     assert losses["auto"] == losses[2]

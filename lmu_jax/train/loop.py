@@ -69,7 +69,9 @@ class Trainer:
         self.run = RunDir(run_dir)
         self.mesh = make_mesh(cfg.mesh, devices)
         dp = data_parallel_size(self.mesh)
-        # the `auto` settings made concrete first: config.yaml, the run id and checkpoints hold them
+        # the run id of the config as given (a sweep's planned id); then the `auto` settings made concrete:
+        # config.yaml and the checkpoints hold the values used
+        self.run_id = run_id(cfg)
         self.cfg = cfg = resolve_auto(cfg, self.mesh.devices.flat[0].platform, dp)
         if cfg.train.batch_size % dp:
             raise bad_value("train.batch_size", cfg.train.batch_size,
@@ -80,7 +82,7 @@ class Trainer:
         if cfg.train.batch_size % jax.process_count():
             raise bad_value("train.batch_size", cfg.train.batch_size,
                             f"a multiple of the process count {jax.process_count()}")
-        distributed.check_agreement({"mesh shape": dict(self.mesh.shape), "config (run id)": run_id(cfg)})
+        distributed.check_agreement({"mesh shape": dict(self.mesh.shape), "config (run id)": self.run_id})
         self.cache = open_data(cfg)
         distributed.check_agreement({"data fingerprint": self.cache.fingerprint})
         self.seq_len = cfg.data.seq_len
@@ -217,7 +219,7 @@ class Trainer:
         return state
 
     def meta(self) -> dict:
-        return {"run_id": run_id(self.cfg), "data_fingerprint": self.cache.fingerprint,
+        return {"run_id": self.run_id, "data_fingerprint": self.cache.fingerprint,
                 "config": self.cfg.to_dict()}
 
     # -- evaluation ---------------------------------------------------------------------------------
@@ -374,7 +376,7 @@ class Trainer:
         result = self.evaluate(state["params"], whole_split=True)
         result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
                       flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
-                      * self.flops_per_token, family=self.model_cfg.family, run_id=run_id(cfg),
+                      * self.flops_per_token, family=self.model_cfg.family, run_id=self.run_id,
                       peak_flops=peak, peak_source=peak_source)
         # "final": a resume after this line (killed before DONE) evaluates again and replaces it
         writer.write({"kind": "eval", "step": step, "final": True, **_summary(result)})
