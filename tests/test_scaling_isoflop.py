@@ -53,6 +53,18 @@ def test_isoflop_recovers_the_known_exponents_inside_their_intervals():
         assert budget.N_opt == pytest.approx(LAW.compute_optimal(budget.C)[0], rel=0.1)
 
 
+def test_three_bracketed_budgets_identify_the_exponents_and_two_do_not():
+    """A study of 4 budgets over 30x (the CPU study's design) is enough; a line through 2 minima is not."""
+    N, D, C, loss = isoflop_runs(np.geomspace(1e18, 3e19, 4))
+    fit = fit_isoflop(N, D, C, loss, bootstrap=60)
+    assert fit.identified, fit.warnings
+    assert fit.ci["a"][0] <= LAW.a <= fit.ci["a"][1]
+    N, D, C, loss = isoflop_runs([1e18, 1e19])
+    fit = fit_isoflop(N, D, C, loss, bootstrap=20)
+    assert not fit.identified
+    assert any("cannot show that N_opt(C) is a power law" in w for w in fit.warnings)
+
+
 def test_a_budget_whose_optimum_is_below_the_ladder_is_flagged_and_left_out():
     N, D, C, loss = isoflop_runs(np.geomspace(1e18, 1e21, 6))
     low = isoflop_runs([3e21], ladder=np.geomspace(2, 32, 5))  # every size above the optimum

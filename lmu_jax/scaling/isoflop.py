@@ -22,12 +22,14 @@ import numpy as np
 from scipy.optimize import least_squares
 
 from lmu_jax.errors import bad_value
-from lmu_jax.scaling.fit import POINTS_PER_CONSTANT
 
 ROBUST_SCALE = 0.01  # nats: residuals beyond this count linearly (Huber), so one bad run cannot bend a profile
 BUDGET_RTOL = 0.1  # runs whose C lie within 10 % of their neighbours' belong to one budget (steps round C)
 CHINCHILLA_A = 0.50  # Hoffmann et al.'s N_opt exponent (Approaches 1-2: 0.50, 0.49), drawn for reference
 MIN_SIZES = 3
+# Each budget's optimum is itself fitted from >= MIN_SIZES runs and its scatter reaches the exponents through
+# the bootstrap; what the count of budgets must give is a residual to test the power-law form against.
+MIN_BRACKETED_BUDGETS = 3
 
 
 def group_budgets(C) -> np.ndarray:
@@ -246,9 +248,9 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
         warnings.append(f"{len(used)} of {len(budgets)} budgets bracket their optimum: no exponents (a line needs "
                         "at least 2).")
     else:
-        if len(used) < POINTS_PER_CONSTANT * 2:
-            warnings.append(f"{len(used)} budgets for the 2 constants of N_opt = G·C^a: fewer than "
-                            f"{POINTS_PER_CONSTANT} per constant.")
+        if len(used) < MIN_BRACKETED_BUDGETS:
+            warnings.append(f"{len(used)} budgets bracket their optimum: a line through fewer than "
+                            f"{MIN_BRACKETED_BUDGETS} cannot show that N_opt(C) is a power law.")
         for name, value in (("a", point["N"][0]), ("b", point["D"][0])):
             lo, hi = ci.get(name, (math.nan, math.nan))
             if not bootstrap:
