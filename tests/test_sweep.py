@@ -12,7 +12,7 @@ import yaml
 
 from helpers import cli_subprocess, subprocess_env
 
-from lmu_jax.config import config_from_dict, read_yaml, run_id
+from lmu_jax.config import config_from_dict, read_yaml, resolve_auto, run_id
 from lmu_jax.errors import UserError
 from lmu_jax.sweep.collect import COLUMNS
 from lmu_jax.sweep.runner import last_step
@@ -160,9 +160,9 @@ def test_sweep_run_survives_a_crash_and_retries_only_it(tmp_path, kjv_cache):
         assert 0 < float(row["val_loss"]) < 6 and 0 < float(row["bits_per_byte"]) < 9
         evaluation = json.loads((sweep_dir / "runs" / row["run_id"] / "eval.json").read_text())
         assert evaluation["run_id"] == row["run_id"]  # the trainer computes the same id
-        # the config the trainer recorded is the one the sweep resolved
+        # the config the trainer recorded is the one the sweep resolved, its auto speed settings made concrete
         recorded = config_from_dict(yaml.safe_load((sweep_dir / "runs" / row["run_id"] / "config.yaml").read_text()))
-        assert run_id(recorded) == row["run_id"]
+        assert recorded == resolve_auto(run.config, "cpu") and run_id(run.config) == row["run_id"]
     per_position = json.loads((sweep_dir / "per_position.json").read_text())
     assert set(per_position) == {row["run_id"] for row in rows}
     assert all(len(v["per_position_loss"]) == 16 for v in per_position.values())
