@@ -65,7 +65,8 @@ def _modules():
             d = cfg.d_model
             self.embedding = nn.Embedding(cfg.vocab_size, d)
             self.positions = nn.Parameter(torch.zeros(cfg.max_len, d))
-            self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.ff_width, LAYER_NORM_EPS) for _ in range(cfg.n_layers))
+            self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.ff_width, LAYER_NORM_EPS)
+                                        for _ in range(cfg.n_layers))
             self.norm_out = nn.LayerNorm(d, eps=LAYER_NORM_EPS)
 
         def forward(self, tokens):
@@ -117,10 +118,9 @@ def torch_model(model_cfg):
     return _modules()[model_cfg.family](model_cfg)
 
 
-def _flax_to_torch(params, model_cfg) -> dict[str, tuple[np.ndarray, bool]]:
-    """torch parameter name -> (value, decayed) from our parameter tree; `decayed` is our optimizer's
-    weight-decay rule (``ndim >= 2``) on the leaves the tensor is made of."""
-    p = params
+def _flax_to_torch(p, model_cfg) -> dict[str, tuple[np.ndarray, bool]]:
+    """torch parameter name -> (value, decayed) from our parameter tree `p` (numpy); `decayed` is our
+    optimizer's weight-decay rule (``ndim >= 2``) on the leaves the tensor is made of."""
     mapped = {"embedding.weight": (p["embed"]["embedding"], True)}
 
     def norm(prefix, tree):
