@@ -12,6 +12,7 @@ import importlib
 import sys
 
 from lmu_jax.errors import EXIT_USER_ERROR, UserError
+from lmu_jax.platforms import leave_out_absent_tpu
 
 COMMAND_MODULES = [
     "lmu_jax.train.commands",  # train, eval, flops
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    leave_out_absent_tpu()  # before any command module imports JAX
     try:
         args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)

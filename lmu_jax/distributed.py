@@ -26,7 +26,6 @@ no variable; the ``tpu/`` launcher exports ``LMU_JAX_WORKER_ID`` and ``LMU_JAX_W
 
 from __future__ import annotations
 
-import glob
 import importlib.util
 import os
 import socket
@@ -39,6 +38,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from lmu_jax.errors import UserError
+from lmu_jax.platforms import has_tpu_device_nodes
 
 # What jax's own cluster detection requires (jax/_src/clusters/{slurm,ompi}_cluster.py)
 SLURM_ENV = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
@@ -73,8 +73,7 @@ def _int_env(env, name: str, source: str) -> int:
 def on_cloud_tpu_vm() -> bool:
     """A Cloud TPU VM: TPU device nodes plus libtpu. JAX then finds the other workers through the
     VM metadata server; an ordinary TPU VM sets none of the cluster variables."""
-    has_devices = bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
-    return has_devices and importlib.util.find_spec("libtpu") is not None
+    return has_tpu_device_nodes() and importlib.util.find_spec("libtpu") is not None
 
 
 def detect(dist_cfg, env=None) -> Launch:
