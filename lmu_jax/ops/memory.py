@@ -50,12 +50,14 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 # With the current kernels auto is within 9 % of the fastest everywhere (lmu_memory_cpu.md).
 # Thresholds sit between measured points.
 # TPU rows: XLA's TPU compiler, ahead of time (benchmarks/results/tpu_lmu_memory.md: the folded memory
-# forward + backward at 16,384 tokens x 256 channels per v5e chip). At order 256, n 1024 the chunked scan
-# needs 1.45 GiB and a 12 ms roofline estimate, the FFT 9.62 GiB and 201 ms (its (r x F) complex spectra
-# per channel), the sequential scan 5.29 GiB and n dependent steps: chunked everywhere.
-# The unfolded memory on TPU, and GPU: not measured; they take the same pick by the same reasoning (the FFT's per-frequency (r x F)
-# complex spectra are memory the chunked scan never forms; the sequential scan runs n dependent
-# steps) until a GPU measurement replaces them.
+# forward + backward at 16,384 tokens x 256 channels per v5e chip, n 1024 and 16384, orders 64 and 256).
+# The chunked scan needs the least memory at every point, 6-7x less than the FFT and 3.5-6x less than the
+# sequential scan (order 256: 1.45-1.52 GiB against 9.62-9.66 and 5.28-5.29), and its roofline estimate
+# is 16-20x below the FFT's (order 256: 12-13 ms against 201-214 ms); the sequential scan's estimate
+# counts one of its n dependent steps: chunked everywhere.
+# The unfolded memory on TPU, and GPU: not measured; they take the same pick by the same reasoning (the
+# FFT's per-frequency complex spectra are memory the chunked scan never forms; the sequential scan runs
+# n dependent steps) until a measurement replaces them.
 _AUTO_TABLE = {
     ("cpu", False): [(4096, 32, "chunked"), (None, None, "sequential")],
     ("cpu", True): [(None, 128, "chunked"), (8192, None, "fft"), (None, None, "chunked")],
