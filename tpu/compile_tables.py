@@ -172,7 +172,7 @@ def sweep_configs(sizes: str):
                 train=dataclasses.replace(cfg.train, microbatches=4)), target
 
 
-def run_sweeps(sizes: str, done=lambda results: None, previous=()) -> dict:
+def run_sweeps(sizes: str, done=lambda results: None, previous=(), only: str = "") -> dict:
     """Every pod config's row; ``done(results so far)`` after each; rows of ``previous`` (an earlier
     run's) are kept, not compiled again."""
     from lmu_jax.train.compile import CHIPS, compile_train_step, peak_bytes, roofline
@@ -182,6 +182,8 @@ def run_sweeps(sizes: str, done=lambda results: None, previous=()) -> dict:
                "rows": rows}
     kept = {(r["source"], r["run"], r["slice"]): r for r in previous}
     for source, label, cfg, target in sweep_configs(sizes):
+        if only not in label:
+            continue
         if (source, label, target) in kept:
             rows.append(kept[(source, label, target)])
             continue
@@ -206,6 +208,7 @@ def run_sweeps(sizes: str, done=lambda results: None, previous=()) -> dict:
         print(json.dumps({k: row.get(k) for k in ("run", "slice", "total_bytes", "seconds", "mfu", "compile_s",
                                                    "error")}), flush=True)
         done(results)
+    done(results)  # also when every row was kept
     return results
 
 
@@ -218,7 +221,12 @@ def sweeps_markdown(results: dict) -> str:
         "chip's HBM. Step time and MFU: **roofline estimates**, max(FLOPs / peak bf16 FLOP/s, HBM bytes / "
         "HBM bandwidth) from XLA's cost analysis and the chip's published peaks, MFU = the model's analytic "
         "training FLOPs over that time at peak; *loop*: the program has a while loop (a scan), whose body "
-        "XLA counts once, so its estimate is a lower bound on the time (an upper bound on MFU).", "",
+        "XLA counts once, so its estimate is a lower bound on the time (an upper bound on MFU). With "
+        "microbatches=k the accumulation loop's body is one microbatch: its counts are scaled by k (the "
+        "optimizer update, counted once, is then counted k times; an LSTM's own scan stays undercounted). "
+        "*auto*: the LMU memory's pick on TPU, the chunked scan (lmu_jax/ops/memory.py). The LMU paper's "
+        "sweep pins `memory_impl: fft`; its rows with auto and with microbatches=4 say what each change "
+        "does.", "",
         "| config | run | slice | batch x n | mesh | LMU memory | GiB per device | fits | step ms (est.) | "
         "bound | MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
@@ -234,9 +242,10 @@ def sweeps_markdown(results: dict) -> str:
         mesh = " ".join(f"{k} {v}" for k, v in r["mesh"].items() if v > 1)
         fits = "yes" if r["total_bytes"] <= r["hbm_bytes"] else f"**no** ({r['total_bytes'] / r['hbm_bytes']:.1f}x)"
         loop = " loop" if r["loops"] else ""
+        parts = int((re.search(r"microbatches=(\d+)", r["run"]) or [0, 1])[1])  # XLA counted one of them
         lines.append(f"{head} {mesh} | {r['memory_impl'] or '-'} | {r['total_bytes'] / 2**30:.2f} of "
-                     f"{r['hbm_bytes'] / 2**30:.0f} | {fits} | {r['seconds'] * 1e3:.1f}{loop} | {r['bound']} | "
-                     f"{r['mfu']:.0%}{loop} |")
+                     f"{r['hbm_bytes'] / 2**30:.0f} | {fits} | {r['seconds'] * parts * 1e3:.1f}{loop} | "
+                     f"{r['bound']} | {r['mfu'] / parts:.0%}{loop} |")
     return "\n".join(lines) + "\n"
 
 
@@ -257,7 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=numbers, default=[1024, 4096, 16384], help="memory: sequence lengths")
     parser.add_argument("--sizes", choices=("ends", "largest"), default="ends",
                         help="sweeps: each family at the sweep's smallest and largest size, or the largest")
-    parser.add_argument("--resume", action="store_true", help="sweeps: keep the rows tpu_compile.json has")
+    parser.add_argument("--resume", action="store_true", help="sweeps: keep the rows tpu_compile*.json have")
+    parser.add_argument("--only", default="", help="sweeps: only the runs whose label contains this")
+    parser.add_argument("--out", default="tpu_compile", help="sweeps: the table's name in benchmarks/results")
     parser.add_argument("--render", action="store_true", help="rewrite the table's .md from its committed .json")
     args = parser.parse_args(argv)
     if args.render:
@@ -271,9 +282,11 @@ def main(argv=None) -> int:
         results = run_memory(args.chips.split(","), args.forms.split(","), args.orders, args.lengths,
                              done=lambda partial: write("tpu_lmu_memory", partial, memory_markdown(partial)))
     else:
-        previous = RESULTS / "tpu_compile.json"
-        run_sweeps(args.sizes, done=lambda partial: write("tpu_compile", partial, sweeps_markdown(partial)),
-                   previous=json.loads(previous.read_text())["rows"] if args.resume and previous.exists() else ())
+        # --resume keeps the rows of every tpu_compile*.json (also those of --out runs made beside it)
+        previous = [row for path in sorted(RESULTS.glob("tpu_compile*.json")) if args.resume
+                    for row in json.loads(path.read_text())["rows"] if "compile_s" in row]
+        run_sweeps(args.sizes, done=lambda partial: write(args.out, partial, sweeps_markdown(partial)),
+                   previous=previous, only=args.only)
     return 0
 
 
