@@ -31,6 +31,7 @@ def test_a_tpu_topology_without_libtpu_says_so_and_offers_the_nearest(tmp_path):
     (tmp_path / "libtpu").mkdir()
     (tmp_path / "libtpu" / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
     env = subprocess_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    env.pop("TPU_LIBRARY_PATH", None)  # JAX sets it in this process once it has loaded libtpu
     out = subprocess.run([sys.executable, "-m", "lmu_jax.cli", "compile", "--topology", "v5e-256"], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
