@@ -224,9 +224,8 @@ def sweeps_markdown(results: dict) -> str:
         "XLA counts once, so its estimate is a lower bound on the time (an upper bound on MFU). With "
         "microbatches=k the accumulation loop's body is one microbatch: its counts are scaled by k (the "
         "optimizer update, counted once, is then counted k times; an LSTM's own scan stays undercounted). "
-        "*auto*: the LMU memory's pick on TPU, the chunked scan (lmu_jax/ops/memory.py). The LMU paper's "
-        "sweep pins `memory_impl: fft`; its rows with auto and with microbatches=4 say what each change "
-        "does.", "",
+        "*auto*: the LMU memory's pick on TPU, the chunked scan (lmu_jax/ops/memory.py). A row whose run "
+        "names a change (memory_impl=auto, microbatches=4) is the sweep's run with that change.", "",
         "| config | run | slice | batch x n | mesh | LMU memory | GiB per device | fits | step ms (est.) | "
         "bound | MFU (est.) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results["rows"]:
