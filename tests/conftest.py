@@ -29,3 +29,21 @@ def compile_cache(tmp_path_factory):
     """A persistent XLA compilation cache directory shared by the test modules that switch it on
     (helpers.persistent_compile_cache): a test that builds several trainers of one config compiles once."""
     return tmp_path_factory.mktemp("xla_cache")
+
+
+# What a TPU compile leaves in os.environ: lmu_jax.train.compile tells libtpu the slice it would look up on
+# a TPU VM, and libtpu records where it was loaded from. A later test's subprocesses, or its own pod
+# detection (lmu_jax.distributed: TPU_WORKER_HOSTNAMES means a TPU pod), must not see them. Module-scoped
+# fixtures compile too, so every test ends with these variables as the session began.
+LIBTPU_ENV = ("TPU_WORKER_HOSTNAMES", "TPU_ACCELERATOR_TYPE", "ALLOW_MULTIPLE_LIBTPU_LOAD", "TPU_LIBRARY_PATH")
+SESSION_LIBTPU_ENV = {name: os.environ.get(name) for name in LIBTPU_ENV}
+
+
+@pytest.fixture(autouse=True)
+def no_libtpu_environment_after_a_test():
+    yield
+    for name, value in SESSION_LIBTPU_ENV.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
