@@ -13,7 +13,7 @@ import yaml
 from lmu_jax.cli import main
 from lmu_jax.config import config_from_dict, resolve_auto, run_id
 from lmu_jax.train.loop import Trainer
-from tests.helpers import tiny_config, train_losses, write_config
+from tests.helpers import FAMILY_TINY, tiny_config, train_losses, write_config
 
 
 def resolved(platform, dp=1, **sections):
@@ -71,3 +71,22 @@ def test_auto_trains_as_its_explicit_setting(kjv_cache, tmp_path):
     assert recorded["train"]["microbatches"] == 2
     assert losses["auto"] == losses[2]
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
+
+
+def test_a_resumed_run_keeps_the_choices_its_config_yaml_records(kjv_cache, tmp_path):
+    """A run written before microbatches/remat became auto (or on another host) resumes with its values."""
+    from lmu_jax.config import dump_config
+    from lmu_jax.train.rundir import RunDir
+
+    raw = tiny_config(kjv_cache)
+    raw["model"] = {"family": "lmu", **FAMILY_TINY["lmu"]}  # a family with both auto settings
+    cfg = config_from_dict(raw)
+    assert cfg.train.microbatches == "auto" and cfg.model.remat == "auto"
+    run = RunDir(tmp_path / "run")
+    assert run.with_earlier_choices(cfg) == cfg  # nothing recorded yet: auto stays for resolve_auto
+    run.path.mkdir()
+    recorded = resolve_auto(cfg, "gpu")  # microbatches 1, remat on: not what auto picks on this CPU
+    run.config_path.write_text(dump_config(recorded))
+    kept = run.with_earlier_choices(cfg)
+    assert (kept.train.microbatches, kept.model.remat) == (1, True)
+    assert resolve_auto(kept, "cpu") == recorded

@@ -72,7 +72,7 @@ class Trainer:
         # the run id of the config as given (a sweep's planned id); then the `auto` settings made concrete:
         # config.yaml and the checkpoints hold the values used
         self.run_id = run_id(cfg)
-        self.cfg = cfg = resolve_auto(cfg, self.mesh.devices.flat[0].platform, dp)
+        self.cfg = cfg = resolve_auto(self.run.with_earlier_choices(cfg), self.mesh.devices.flat[0].platform, dp)
         if cfg.train.batch_size % dp:
             raise bad_value("train.batch_size", cfg.train.batch_size,
                             f"a multiple of the data-parallel size {dp} (mesh.data x mesh.fsdp)")
@@ -244,10 +244,12 @@ class Trainer:
                 print(f"run {run.path} is finished (DONE); leaving it alone")
             return {"status": "done-before"}
         main = distributed.is_main_process()
-        self.check_memory()
+        # the lock and the config check first (a second launch is refused at once), then the memory check,
+        # whose compile takes a while; a run directory made for a run that does not fit is removed below
         created = on_main_agreed(lambda: run.open(cfg), f"--run-dir {run.path}")
         self._started = False
         try:
+            self.check_memory()
             return self._train_locked()
         except UserError:
             if main and created and not self._started:

@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import json
@@ -79,6 +80,23 @@ class RunDir:
         """Write config.yaml on a new run; on an existing one, refuse a changed experiment."""
         self.check_config(cfg)
         self._write_config(cfg)
+
+    def with_earlier_choices(self, cfg: RunConfig) -> RunConfig:
+        """``cfg`` with each ``auto`` speed setting (train.microbatches, model.remat) that this run already
+        made concrete taken from its config.yaml: a resumed run keeps its choice, whatever auto would pick
+        now, and a run written before a setting became auto resumes with the value it trained with."""
+        try:
+            old = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else None
+        except (yaml.YAMLError, UnicodeDecodeError):
+            return cfg  # check_config says what is wrong with the file
+        if not isinstance(old, dict):
+            return cfg
+        sections = {"train": cfg.train, "model": cfg.model}
+        for section, key in (("train", "microbatches"), ("model", "remat")):
+            chosen = (old.get(section) or {}).get(key)
+            if getattr(sections[section], key, None) == "auto" and chosen not in (None, "auto"):
+                sections[section] = dataclasses.replace(sections[section], **{key: chosen})
+        return cfg.replace(**sections)
 
     def check_config(self, cfg: RunConfig) -> None:
         """Refuse a config that is another experiment than the one in config.yaml (if there is one)."""
