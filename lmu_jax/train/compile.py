@@ -29,6 +29,7 @@ import os
 import re
 
 from lmu_jax.errors import UserError, bad_value
+from lmu_jax.train.memory_check import peak_bytes
 
 # Per chip (one JAX device = one chip; a v4/v5p megacore chip is one device): HBM GiB and HBM bandwidth,
 # bytes/s, as Google Cloud's TPU pages publish them (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e).
@@ -200,14 +201,6 @@ def compile_train_step(cfg, devices):
 
 def _size(nbytes: float) -> str:
     return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.2f} MiB"
-
-
-def peak_bytes(compiled) -> int:
-    """Per-device bytes the compiled step holds at its peak: arguments + outputs - aliased (donated
-    state reused) + temporaries + generated code."""
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-            + m.generated_code_size_in_bytes)
 
 
 def memory_rows(compiled, generation: str | None) -> list[tuple[str, str]]:

@@ -68,9 +68,15 @@ def step_need(abstract_state, compiled) -> Need:
     m = compiled.memory_analysis()
     if m is None:
         return need
-    peak = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return Need(state=need.state, step=peak_bytes(compiled), temporaries=m.temp_size_in_bytes)
+
+
+def peak_bytes(compiled) -> int:
+    """Per-device bytes the compiled step holds at its peak: arguments + outputs - aliased (donated
+    state reused) + temporaries + generated code."""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
             + m.generated_code_size_in_bytes)
-    return Need(state=need.state, step=peak, temporaries=m.temp_size_in_bytes)
 
 
 def device_capacity(device, shared: int = 1) -> Capacity | None:
