@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from tpu import commands
+from tpu import gcloud
 from tpu.babysit import Outcome, classify
-from tpu.commands import InstallSource, JobEnv
+from tpu.gcloud import InstallSource, JobEnv
 from tpu.launch import main
 from tpu.runner import Clock, Result
 from tpu.slices import parse_slice
@@ -371,7 +371,7 @@ def test_job_script_runs_in_bash(tmp_path):
     for tool in fake_bin.iterdir():
         tool.chmod(0o755)
     (tmp_path / "lmu_jax").mkdir()
-    script = commands.job_script(["python3", "-c", "import os, sys; print('loss', os.environ['FOO']); sys.exit(3)"],
+    script = gcloud.job_script(["python3", "-c", "import os, sys; print('loss', os.environ['FOO']); sys.exit(3)"],
                                  InstallSource(repo="r"), JobEnv({"FOO": "a b"}))
     env = {"HOME": str(tmp_path), "PATH": f"{fake_bin}:{os.environ['PATH']}"}
     done = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=20)
@@ -381,7 +381,7 @@ def test_job_script_runs_in_bash(tmp_path):
     assert not (tmp_path / "lmu_jax_logs" / "job.pid").exists()
 
     # SIGTERM to the worker's shell (a preemption shutting the VM down) is reported with the exit code.
-    done = subprocess.run(["bash", "-c", commands.job_script(["sh", "-c", "kill -TERM $PPID; exit 0"],
+    done = subprocess.run(["bash", "-c", gcloud.job_script(["sh", "-c", "kill -TERM $PPID; exit 0"],
                                                              InstallSource(repo="r"), JobEnv())],
                           env=env, capture_output=True, text=True, timeout=20)
     assert done.stdout.splitlines() == ["[worker-3] lmu-tpu-exit=0 signal=TERM"]
@@ -389,16 +389,16 @@ def test_job_script_runs_in_bash(tmp_path):
     # A job left over from an earlier attempt is stopped first (it would hold the TPU).
     leftover = subprocess.Popen(["sleep", "60"])
     (tmp_path / "lmu_jax_logs" / "job.pid").write_text(f"{leftover.pid}\n")
-    done = subprocess.run(["bash", "-c", commands.job_script(["true"], InstallSource(repo="r"), JobEnv())],
+    done = subprocess.run(["bash", "-c", gcloud.job_script(["true"], InstallSource(repo="r"), JobEnv())],
                           env=env, capture_output=True, text=True, timeout=20)
     assert leftover.wait(timeout=5) == -9 and done.stdout.splitlines() == ["[worker-3] lmu-tpu-exit=0"]
 
     # Nothing installed (no working directory): still one exit marker per worker, and a failure.
-    done = subprocess.run(["bash", "-c", commands.job_script(["true"], InstallSource(wheel="x.whl"), JobEnv())],
+    done = subprocess.run(["bash", "-c", gcloud.job_script(["true"], InstallSource(wheel="x.whl"), JobEnv())],
                           env=env, capture_output=True, text=True, timeout=20)
     assert done.returncode == 1 and done.stdout.splitlines()[-1] == "[worker-3] lmu-tpu-exit=1"
     assert "lmu_jax_files" in done.stdout
-    install = commands.install_script(InstallSource(repo="https://x/y.git", ref="main"))
+    install = gcloud.install_script(InstallSource(repo="https://x/y.git", ref="main"))
     assert subprocess.run(["bash", "-n", "-c", install]).returncode == 0  # valid bash
 
 

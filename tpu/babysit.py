@@ -16,8 +16,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Callable, Optional
 
-from tpu import commands
-from tpu.commands import CreateOptions, InstallSource, JobEnv, SliceTarget
+from tpu import gcloud
+from tpu.gcloud import CreateOptions, InstallSource, JobEnv, SliceTarget
 from tpu.runner import Clock, Result, log
 
 BROKEN_STATES = {"FAILED", "SUSPENDING", "SUSPENDED"}  # queued-resource states after a preemption or error
@@ -98,7 +98,7 @@ class WorkerLogs:
     """
 
     PREFIX = re.compile(r"\[worker-([^\]]+)\] ?(.*)")
-    MARKER = re.compile(re.escape(commands.EXIT_MARKER) + r"(\d+)(?: signal=(\w+))?")
+    MARKER = re.compile(re.escape(gcloud.EXIT_MARKER) + r"(\d+)(?: signal=(\w+))?")
 
     def __init__(self, directory: Path, header: str, on_exit: Callable[[str, int], None],
                  echo_worker: Optional[str] = "0", echo: Callable[[str], None] = log):
@@ -177,7 +177,7 @@ class Slice:
     def state(self, *, dry_run_assumes: Optional[str] = None) -> Optional[str]:
         """Queued-resource state (ACTIVE, WAITING_FOR_RESOURCES, SUSPENDED, ...) or None if it does not exist."""
         assumed = Result(0, dry_run_assumes + "\n") if dry_run_assumes else Result(1, "", "NOT_FOUND (dry run)")
-        result = self.runner.run(commands.qr_describe(self.target), dry_run_result=assumed)
+        result = self.runner.run(gcloud.qr_describe(self.target), dry_run_result=assumed)
         if result.ok:
             return result.stdout.strip() or None
         if is_not_found(result):
@@ -189,7 +189,7 @@ class Slice:
         state = self.state(dry_run_assumes="ACTIVE")
         if state != "ACTIVE":
             return f"the queued resource is {state or 'gone'}"
-        result = self.runner.run(commands.node_describe(self.target), dry_run_result=Result(0, "READY\tHEALTHY\n"))
+        result = self.runner.run(gcloud.node_describe(self.target), dry_run_result=Result(0, "READY\tHEALTHY\n"))
         if not result.ok:
             return f"the node cannot be described: {last_line(result.stderr)}"
         fields = result.stdout.split()
@@ -221,7 +221,7 @@ class Slice:
         spec = self.target.spec
         self.say(f"creating {spec.accelerator_type} ({spec.chips} chips, {spec.hosts} hosts) as {self.name} "
                  f"in {self.target.zone} [{self.create_options.provisioning}]")
-        result = self.runner.run(commands.qr_create(self.target, self.create_options))
+        result = self.runner.run(gcloud.qr_create(self.target, self.create_options))
         if not result.ok:
             raise SliceUnavailable(f"creating slice {self.name} failed: {last_line(result.stderr)}")
         self.incarnation += 1
@@ -242,7 +242,7 @@ class Slice:
             self.clock.sleep(self.poll_s)
 
     def delete(self) -> None:
-        result = self.runner.run(commands.qr_delete(self.target))
+        result = self.runner.run(gcloud.qr_delete(self.target))
         if not result.ok and not is_not_found(result):
             raise SliceUnavailable(f"deleting slice {self.name} failed: {last_line(result.stderr)}")
         self.wait_gone()
@@ -267,12 +267,12 @@ class Slice:
         source = self.source
         self.say(f"installing the project on all {self.target.spec.hosts} workers of {self.name}")
         if source.wheel is not None:
-            self._must(commands.ssh_all(self.target, commands.prepare_files_script()), "preparing ~/lmu_jax_files")
-            self._must(commands.scp_files(self.target, [source.wheel, *source.copies]), "copying files")
+            self._must(gcloud.ssh_all(self.target, gcloud.prepare_files_script()), "preparing ~/lmu_jax_files")
+            self._must(gcloud.scp_files(self.target, [source.wheel, *source.copies]), "copying files")
         install_log = LazyLog(self.log_dir / self.name / "install.log",
                               f"===== install {time.strftime('%Y-%m-%d %H:%M:%S')} =====")
         try:
-            self._must(commands.ssh_all(self.target, commands.install_script(source)), "installing",
+            self._must(gcloud.ssh_all(self.target, gcloud.install_script(source)), "installing",
                        on_line=install_log.write)
         finally:
             install_log.close()
@@ -299,10 +299,10 @@ class Slice:
         directory = self.log_dir / self.name / log_subdir if log_subdir else self.log_dir / self.name
         header = f"===== attempt {attempt}, {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(command)} ====="
         logs = WorkerLogs(directory, header, on_exit)
-        everyone_ok = "\n".join(f"[worker-{i}] {commands.EXIT_MARKER}0" for i in range(hosts))
+        everyone_ok = "\n".join(f"[worker-{i}] {gcloud.EXIT_MARKER}0" for i in range(hosts))
         self.say(f"running on all {hosts} workers of {self.name}: {' '.join(command)} (logs: {directory}/)")
         try:
-            self.runner.run(commands.ssh_all(self.target, commands.job_script(command, self.source, env)),
+            self.runner.run(gcloud.ssh_all(self.target, gcloud.job_script(command, self.source, env)),
                             on_line=logs.feed, dry_run_result=Result(0, everyone_ok))
         finally:
             logs.close()
@@ -312,12 +312,12 @@ class Slice:
 
     def recovery_commands(self, command: list[str], env: JobEnv) -> list[list[str]]:
         """What the babysitter runs after a preemption (for the dry-run listing)."""
-        argv = [commands.qr_describe(self.target), commands.node_describe(self.target),
-                commands.qr_delete(self.target), commands.qr_describe(self.target),
-                commands.qr_create(self.target, self.create_options), commands.qr_describe(self.target)]
+        argv = [gcloud.qr_describe(self.target), gcloud.node_describe(self.target),
+                gcloud.qr_delete(self.target), gcloud.qr_describe(self.target),
+                gcloud.qr_create(self.target, self.create_options), gcloud.qr_describe(self.target)]
         if self.source is not None:
-            argv.append(commands.ssh_all(self.target, commands.install_script(self.source)))
-        argv.append(commands.ssh_all(self.target, commands.job_script(command, self.source, env)))
+            argv.append(gcloud.ssh_all(self.target, gcloud.install_script(self.source)))
+        argv.append(gcloud.ssh_all(self.target, gcloud.job_script(command, self.source, env)))
         return argv
 
 

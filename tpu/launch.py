@@ -27,7 +27,7 @@ from pathlib import Path
 from lmu_jax.cli import ArgumentParser  # argparse that raises UserError (one line, exit 2)
 from lmu_jax.errors import EXIT_USER_ERROR, UserError, bad_value
 from tpu.babysit import Babysitter, LaunchError, Outcome, RetryPolicy, Slice, last_line
-from tpu.commands import PROVISIONING, CreateOptions, InstallSource, JobEnv, SliceTarget
+from tpu.gcloud import PROVISIONING, CreateOptions, InstallSource, JobEnv, SliceTarget
 from tpu.runner import Clock, DryRunner, Result, SubprocessRunner, log, render
 from tpu.slices import parse_slice, slice_table
 from tpu.sweep_queue import Leases, SweepQueue, check_run_id, open_store
