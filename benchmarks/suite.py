@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import write_json_and_markdown
+from lmu_jax.flops import xla_flops
 from lmu_jax.ops import MEMORY_IMPLS
 
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
@@ -216,7 +217,9 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
     point = {"compile_s": time.perf_counter() - started, "peak_bytes": peak_bytes(compiled),
              "tokens_per_step": trainer.tokens_per_step, "flops_per_token": trainer.flops_per_token,
              "params": trainer.counts["total"], "params_non_embedding": trainer.counts["non_embedding"]}
-    executed = xla_flops(compiled, hlo_text)
+    # XLA's count includes remat's recomputation, where the MFU credits the model's analytic FLOPs only; a
+    # program with a loop gets none: XLA counts a while body once, whatever its trip count (the LSTM's scan)
+    executed = None if " while(" in hlo_text else xla_flops(compiled)
     point["xla_over_model_flops"] = None if executed is None else \
         executed / (trainer.flops_per_token * trainer.tokens_per_step)
     if max_memory is not None and point["peak_bytes"] > max_memory:
@@ -239,15 +242,6 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
         trace_steps(compiled, state, batches[0], trace_dir)
         point.update(op_breakdown(trace_dir, hlo_text), trace_dir=str(trace_dir))
     return point
-
-
-def xla_flops(compiled, hlo_text: str) -> float | None:
-    """FLOPs of one call as XLA counts them (``compiled.cost_analysis()``): what the kernels execute,
-    recomputation (remat) included, where the MFU credits the model's analytic FLOPs only. None when the
-    module has a loop: XLA counts a while body once, whatever its trip count (the LSTM's scan)."""
-    if " while(" in hlo_text:
-        return None
-    return float((compiled.cost_analysis() or {}).get("flops", 0.0)) or None
 
 
 def bare_step_intervals(trainer, steps: int) -> list[float]:

@@ -74,10 +74,13 @@ def param_counts(cfg, seq_len: int = 16) -> dict:
     return {"total": total, "non_embedding": total - embedding, "embedding": embedding}
 
 
-def xla_flops(jitted_fn, *args) -> float:
-    """FLOPs XLA reports for one call of a jitted function (``cost_analysis()['flops']``)."""
-    compiled = jitted_fn.lower(*args).compile()
+def xla_flops(compiled) -> float | None:
+    """FLOPs of one call of a compiled function (``jax.jit(f).lower(*args).compile()``) as XLA's
+    ``cost_analysis()`` counts them: what its kernels execute, recomputation (remat) included; None where
+    XLA gives no count. A while loop's body is counted once whatever its trip count, so for a program
+    with a loop that matters (a scan over time) the count is a lower bound."""
     analysis = compiled.cost_analysis()
     if isinstance(analysis, (list, tuple)):
         analysis = analysis[0]
-    return float(analysis.get("flops", float("nan")))
+    flops = (analysis or {}).get("flops")
+    return None if flops is None else float(flops)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from benchmarks import peers
-from benchmarks.suite import dot_flops_per_instruction, xla_flops
+from benchmarks.suite import dot_flops_per_instruction
 from lmu_jax.cli import main
 
 
@@ -100,15 +100,6 @@ def test_dot_flops_are_read_from_the_compiled_module():
     x, y = jnp.ones((3, 8, 5)), jnp.ones((3, 5, 7))
     flops = dot_flops_per_instruction(jax.jit(jnp.matmul).lower(x, y).compile().as_text())
     assert sum(flops.values()) == 2 * 3 * 8 * 7 * 5
-
-
-def test_xla_flops_counts_straight_line_code_and_refuses_loops():
-    """A while body is counted once by XLA's cost analysis, whatever the trip count: no number then."""
-    x = jnp.ones((64, 64))
-    straight = jax.jit(lambda a: a @ a).lower(x).compile()
-    assert xla_flops(straight, straight.as_text()) == pytest.approx(2 * 64**3, rel=0.05)
-    looped = jax.jit(lambda a: jax.lax.fori_loop(0, 10, lambda i, b: b @ a, a)).lower(x).compile()
-    assert xla_flops(looped, looped.as_text()) is None
 
 
 @pytest.mark.skipif(peers.torch_available() is not None, reason=peers.torch_available() or "")

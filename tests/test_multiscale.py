@@ -127,7 +127,7 @@ def test_analytic_flops_match_xla(keys):
     cfg = MultiscaleConfig(d_model=128, n_heads=4, **keys).resolved(256, length)
     model, tokens = MultiscaleLM(cfg), jnp.zeros((batch, length), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
-    xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)), params, tokens)
+    xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile())
     analytic = forward_flops_per_token(cfg, length) * batch * length
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
 

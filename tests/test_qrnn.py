@@ -160,8 +160,8 @@ def test_analytic_flops_match_xla():
                        pattern="AFQ2F").resolved(256, seg_len)
     model, tokens = HybridLM(cfg), jnp.zeros((batch, seg_len), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
-    xla = xla_flops(jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0]), params, tokens,
-                    initial_state(cfg, batch))
+    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0])
+    xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
     analytic = forward_flops_per_token(cfg, seg_len) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
     assert qrnn_flops_per_token(cfg, 2) == 2 * 2 * 128 * 3 * 128  # 2·k·d_in·3·d_h (docs/flops.md)

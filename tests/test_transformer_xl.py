@@ -426,10 +426,10 @@ def test_analytic_flops_match_xla(with_memory):
     model, tokens = TransformerXL(cfg), jnp.zeros((batch, seg_len), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
     if with_memory:
-        xla = xla_flops(jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0]), params, tokens,
-                        initial_state(cfg, batch))
+        forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0])
+        xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
     else:  # the stateless call computes no memory rows
-        xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)), params, tokens)
+        xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile())
     analytic = forward_flops_per_token(cfg, seg_len, carried=with_memory) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
 
@@ -444,8 +444,8 @@ def test_sch_txl_flops_match_xla():
     model, tokens = TransformerXL(cfg), jnp.zeros((batch, seg_len), jnp.int32)
     params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
     rngs = {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(1)}
-    xla = xla_flops(jax.jit(lambda p, t, s: model.apply({"params": p}, t, s, train=True, rngs=rngs)[0]), params,
-                    tokens, initial_state(cfg, batch))
+    forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s, train=True, rngs=rngs)[0])
+    xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
     every_layer = forward_flops_per_token(dataclasses.replace(cfg, skip_prob_scale=0.0), seg_len) * batch * seg_len
     assert 0.95 < xla / every_layer < 1.15, (xla, every_layer)
 
