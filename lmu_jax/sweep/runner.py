@@ -21,6 +21,14 @@ own stdout (the launcher's per-worker log). A job of several processes never ski
 sweep.json calls ``running``: that record may be its own process 0's, or a dead attempt's from a
 preempted slice; another live job in the same run directory is refused by the trainer's run lock.
 
+A spec's ``results`` directory (in the repository) keeps each finished run's small files::
+
+    <results>/runs/<id>/             config.yaml, metrics.jsonl, eval.json, DONE and sweep.json's outcome
+
+(never checkpoints, logs or host names), written as each run finishes. Committed, they make the study
+outlive the machine: ``sync_results`` copies them back into a sweep directory that lacks them, where they
+count as done, so ``sweep run`` on a fresh clone resumes the study where it stood.
+
 The sweep directory may be remote (``gs://``, see ``lmu_jax.storage``): then train.log is written
 locally during an attempt and appended to the remote one after it.
 """
@@ -141,6 +149,40 @@ def run_status(sweep: SweepDir, run_id: str) -> RunStatus:
     if (run_dir / "checkpoints").exists():
         return RunStatus(run_id, "partial", **common)
     return RunStatus(run_id, "pending", **common)
+
+
+# ---------------------------------------------------------------------------------- committed results
+
+RESULT_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "DONE")
+RECORD_KEYS = ("run_id", "state", "attempts", "started", "ended", "returncode")  # what the throughput reads
+
+
+def export_run(sweep: SweepDir, run_id: str, results) -> None:
+    """Copy a finished run's small files into ``<results>/runs/<id>/`` (the record without host or paths)."""
+    source, target = sweep.run_dir(run_id), Path(results) / "runs" / run_id
+    target.mkdir(parents=True, exist_ok=True)
+    for name in RESULT_FILES:
+        if (source / name).exists():
+            (target / name).write_bytes((source / name).read_bytes())
+    record = {key: value for key, value in read_record(source).items() if key in RECORD_KEYS}
+    (target / STATUS_FILE).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def sync_results(sweep: SweepDir, results) -> tuple[int, int]:
+    """(exported, restored): finished runs of the sweep directory missing from ``results`` are copied
+    there, and committed runs missing from the sweep directory are copied back (they are then done)."""
+    committed = Path(results) / "runs"
+    local = {p.name for p in sweep.runs.iterdir() if (p / "DONE").exists()} if sweep.runs.exists() else set()
+    kept = {p.name for p in committed.iterdir() if (p / "DONE").exists()} if committed.exists() else set()
+    for run_id in sorted(local - kept):
+        export_run(sweep, run_id, results)
+    for run_id in sorted(kept - local):
+        target = sweep.run_dir(run_id)
+        target.mkdir(parents=True, exist_ok=True)
+        for name in (*RESULT_FILES, STATUS_FILE):
+            if (committed / run_id / name).exists():
+                storage.write_bytes(target / name, (committed / run_id / name).read_bytes())
+    return len(local - kept), len(kept - local)
 
 
 # --------------------------------------------------------------------------------------- execution
@@ -293,6 +335,8 @@ def run_sweep(spec: SweepSpec, runs: list[PlannedRun], sweep_dir, *, only: str |
                                      on_poll=lambda rid: _show_step(bar, sweep, rid, run.steps))
                 else:
                     status = take_part(sweep, run, env=env)
+                if status.state == "done" and main and spec.results:
+                    export_run(sweep, run.run_id, spec.results)
                 message = "done" if status.state == "done" else f"FAILED: {status.error}"
                 _say(bar, out, f"{label}: {message}")
             statuses.append(status)

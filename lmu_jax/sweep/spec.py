@@ -32,6 +32,8 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
       lrs: [1.0e-3, 3.0e-3, 1.0e-2]        # >= 3 peak learning rates, tried at every grid size
       sizes: [20000, 60000]                # target sizes of the grid runs
       budget: 1.0e12                       # their one FLOP budget (or {tokens: 2.0e6})
+    results: experiments/results/demo      # optional: keep each finished run's small files here (commit
+                                           # them): `sweep run` on a fresh clone counts those runs as done
 
 ``sizes`` may also be a mapping from budget value to that budget's ladder (``lmu-jax sweep design`` writes
 one: each budget's ladder brackets its own compute-optimal size).
@@ -72,7 +74,7 @@ from lmu_jax.errors import UserError, bad_value
 
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
              "evals_per_run", "base", "family_overrides", "run_overrides", "throughput", "seeds", "branches",
-             "lr_grid")
+             "lr_grid", "results")
 SIZING_RULES = ("search", "paper")
 BUDGET_KINDS = ("flops", "tokens")
 MATCH_KEYS = ("family", "size", "budget")
@@ -143,6 +145,7 @@ class SweepSpec:
     branches: Subset | None = None
     lr_grid: LrGrid | None = None
     ladders: dict = field(default_factory=dict)  # budget value -> its own ladder (else ``sizes``)
+    results: str = ""  # a directory (in the repository) that keeps each finished run's small files
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the spec as written
 
     def ladder(self, budget: Budget) -> tuple:
@@ -321,13 +324,17 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
     for key, value in _mapping("throughput", raw.get("throughput")).items():
         (throughput[key],) = _number_list(f"throughput.{key}", value, integer=False)
 
+    results = raw.get("results", "")
+    if not isinstance(results, str):
+        raise bad_value("results", results, "a directory path, e.g. experiments/results/<name>")
+
     return SweepSpec(name=str(raw.get("name") or name), families=tuple(families), sizes=sizes,
                      budgets=tuple(budgets), sizing_rules=sizing_rules, base=_mapping("base", raw.get("base")),
                      family_overrides=family_overrides, run_overrides=tuple(run_overrides),
                      warmup_fraction=warmup_fraction, evals_per_run=evals_per_run, throughput=throughput,
                      description=str(raw.get("description") or ""), seeds=_seeds(raw.get("seeds")),
                      branches=_branches(raw.get("branches")), lr_grid=_lr_grid(raw.get("lr_grid"), families),
-                     ladders=ladders, raw=raw)
+                     ladders=ladders, results=results, raw=raw)
 
 
 def _match(path: str, match) -> dict:
