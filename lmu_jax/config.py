@@ -234,16 +234,33 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate()
+            if f.name != "model":
+                getattr(self, f.name).validate()
+        self.resolved_model().validate()  # after data: it resolves against data.seq_len and the tokenizer
         if self.eval.stride > self.data.seq_len:
             raise bad_value("eval.stride", self.eval.stride, f"at most data.seq_len={self.data.seq_len} (0 = half of it)")
         return self
+
+    def resolved_model(self) -> ModelConfig:
+        """The model config the model is built from: ``model`` with what comes from the data filled in
+        (the tokenizer's vocabulary, family defaults that follow data.seq_len such as the LMU's theta).
+        ``validate`` checks this one, so a loaded config's resolved model is valid and no user of it
+        checks it again."""
+        return self.model.resolved(tokenizer_vocab_size(self.data), self.data.seq_len)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def replace(self, **sections) -> "RunConfig":
         return dataclasses.replace(self, **sections)
+
+
+def tokenizer_vocab_size(data: DataConfig) -> int:
+    """The vocabulary ``data``'s tokenizer has, known without reading the corpus: the byte tokenizer's, or
+    the SentencePiece size asked for (a trained model has exactly that many pieces, or training fails)."""
+    from lmu_jax.data.tokenizers import BYTE_VOCAB_SIZE  # the tokenizers module imports this one
+
+    return BYTE_VOCAB_SIZE if data.tokenizer == "byte" else data.sp_vocab_size
 
 
 # ---------------------------------------------------------------------------------------------
