@@ -159,6 +159,35 @@ def test_fit_isoflop_command_prints_optima_exponents_and_writes_json(tmp_path, c
     assert len(result["isoflop"]["budgets"]) == 6
 
 
+def test_a_prediction_for_an_unrun_budget_holds_the_truth_and_the_cli_writes_it(tmp_path, capsys):
+    """The study's pre-registration: fitted on three budgets, predict the fourth (3.2x beyond) before it
+    is run. The true N_opt and D_opt (power laws of C) lie inside their intervals; L_opt = K C^-gamma has
+    no irreducible loss, so beyond the data it runs low of a law that flattens: here by ~1.5 %."""
+    budgets = np.geomspace(1e18, 3.2e19, 4)
+    N, D, C, loss = isoflop_runs(budgets[:3], ladder=np.geomspace(1 / 4, 4, 5), noise=0.003)
+    fit = fit_isoflop(N, D, C, loss, bootstrap=100)
+    assert fit.identified, fit.warnings
+    predicted = fit.predict(budgets[3])
+    n_true, d_true = LAW.compute_optimal(budgets[3])
+    truth = {"N_opt": n_true, "D_opt": d_true, "L_opt": LAW.loss(n_true, d_true)}
+    for name in ("N_opt", "D_opt"):
+        value, lo, hi = predicted[name]
+        assert lo <= truth[name] <= hi and lo < value < hi, (name, value, lo, hi, truth[name])
+    value, lo, hi = predicted["L_opt"]
+    assert lo < value < hi < truth["L_opt"] and value == pytest.approx(truth["L_opt"], rel=0.03)
+
+    table = write_table(tmp_path / "three.csv", N, D, C, loss)
+    out = tmp_path / "prediction.json"
+    assert cli.main(["fit", table, "--law", "isoflop", "--bootstrap", "40", "--predict", f"{budgets[3]:g}",
+                     "--json", str(out)]) == 0
+    assert "prediction at C = 3.2e+19: N_opt = " in capsys.readouterr().out
+    written = json.loads(out.read_text())[0]["prediction"]
+    assert written["C"] == pytest.approx(budgets[3]) and written["identified"] is True
+    assert written["N_opt"]["lo"] < written["N_opt"]["value"] < written["N_opt"]["hi"]
+    assert cli.main(["fit", table, "--law", "chinchilla", "--predict", "1e20"]) == EXIT_USER_ERROR
+    assert "--predict=1e+20 is invalid" in capsys.readouterr().err
+
+
 def test_fit_holdout_command_prints_predictions(tmp_path, capsys):
     rng = np.random.default_rng(1)
     N = np.repeat(np.geomspace(1e5, 1e7, 6), 2)

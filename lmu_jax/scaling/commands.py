@@ -2,7 +2,7 @@
 
     lmu-jax fit TABLE.csv --law chinchilla|kaplan-n|kaplan-d|frontier|isoflop [--family NAME]
                 [--holdout top-budget|top-size] [--bootstrap K] [--seed S] [--drop-highest K]
-                [--starts K] [--json OUT]
+                [--starts K] [--predict C] [--json OUT]
 
 The table is a CSV with a header. Columns (aliases in brackets, so Epoch's Chinchilla file works):
 ``family`` (optional; absent: one family "all"), ``N`` [``Model Size``], ``D``, ``C``
@@ -20,7 +20,9 @@ highest-loss rows:
 Every fit says whether its constants are identified and, when not, why (one sentence per failed
 check; docs/scaling.md explains them). ``--holdout`` fits without the largest budget's (or size's)
 runs and predicts them with intervals. ``--bootstrap`` defaults to 0 (none) for a plain fit, 200 for
-isoflop and 100 with --holdout. Extra columns (run_id, seed, ...) are ignored.
+isoflop and 100 with --holdout. ``--predict C`` (isoflop) extrapolates the lines to a budget C not
+yet run: N_opt, D_opt and L_opt there with bootstrap intervals; written (``--json``) and committed
+before C is run, it is a pre-registered prediction. Extra columns (run_id, seed, ...) are ignored.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     parser.add_argument("--drop-highest", type=int, default=0, help="drop each family's K highest-loss rows")
     parser.add_argument("--starts", type=int, help="run only the K grid starts with the lowest initial objective")
+    parser.add_argument("--predict", type=float, metavar="C", help="isoflop: predict N_opt, D_opt, L_opt at "
+                        "this FLOP budget, with intervals")
     parser.add_argument("--json", dest="json_out", help="also write the results to this JSON file")
     parser.set_defaults(func=run_fit)
 
@@ -131,6 +135,8 @@ def run_fit(args) -> int:
         raise bad_value("--holdout", args.holdout, f"one of {', '.join(HOLDOUTS)}")
     if args.holdout is not None and args.law == "isoflop":
         raise bad_value("--holdout", args.holdout, "works with --law chinchilla, kaplan-n, kaplan-d or frontier")
+    if args.predict is not None and (args.law != "isoflop" or not args.predict > 0):
+        raise bad_value("--predict", args.predict, "a FLOP budget > 0, with --law isoflop")
     if args.bootstrap is None:
         args.bootstrap = DEFAULT_BOOTSTRAP.get("holdout" if args.holdout else args.law, 0)
     for name in ("bootstrap", "drop_highest"):
@@ -167,7 +173,7 @@ def run_fit(args) -> int:
         if args.holdout:
             results.append(head | rollout_result(fit, picked))
         elif args.law == "isoflop":
-            results.append(head | isoflop_result(fit))
+            results.append(head | isoflop_result(fit, args.predict))
         else:
             results.append(head | law_result(fit, args.law))
     print(format_results(results))
@@ -208,12 +214,16 @@ def law_result(fit, law) -> dict:
     }
 
 
-def isoflop_result(fit) -> dict:
+def isoflop_result(fit, predict: float | None = None) -> dict:
     budgets = [{"C": b.C, "sizes": len(np.unique(b.N)), "runs": len(b.N), "N_opt": b.N_opt, "D_opt": b.D_opt,
                 "L_opt": b.L_opt, "ci": b.ci, "bracketed": b.bracketed, "flag": b.flag} for b in fit.budgets]
     return {"isoflop": {"budgets": budgets, "a": fit.a, "G": fit.G, "b": fit.b, "G_D": fit.G_D, "gamma": fit.gamma,
                         "K": fit.K, "ci": fit.ci, "bootstrap_used": fit.bootstrap_used},
-            "identified": fit.identified, "warnings": fit.warnings}
+            "identified": fit.identified, "warnings": fit.warnings,
+            **({"prediction": {"C": predict, "ci_level": fit.ci_level, "identified": fit.identified,
+                               **{name: {"value": v, "lo": lo, "hi": hi}
+                                  for name, (v, lo, hi) in fit.predict(predict).items()}}}
+               if predict and math.isfinite(fit.a) else {})}
 
 
 def rollout_result(result, picked) -> dict:
@@ -296,6 +306,12 @@ def _isoflop_lines(result) -> list[str]:
     if result["bootstrap"]:
         lines.append(f"  bootstrap {result['bootstrap']} (seed {result['seed']}), {iso['bootstrap_used']} usable "
                      "for the exponents")
+    if "prediction" in result:
+        p = result["prediction"]
+        caveat = "" if p["identified"] else " (from a fit that is NOT identified: see above)"
+        lines.append(f"  prediction at C = {p['C']:.3g}{caveat}: " + ", ".join(
+            f"{name} = {p[name]['value']:.4g}{_interval({name: (p[name]['lo'], p[name]['hi'])}, name)}"
+            for name in ("N_opt", "D_opt", "L_opt")))
     return lines
 
 

@@ -107,6 +107,9 @@ class IsoflopFit:
     bootstrap_used: int  # joint resamples in which every bracketed budget had a minimum
     identified: bool
     warnings: list = field(default_factory=list)
+    lines: np.ndarray = field(default_factory=lambda: np.empty((0, 3, 2)), repr=False)  # bootstrap (slope,
+    #                      intercept) of log N_opt, log D_opt, log L_opt against log C, one row per resample used
+    ci_level: float = 0.95
 
     @property
     def used(self) -> list:
@@ -120,6 +123,20 @@ class IsoflopFit:
 
     def L_opt(self, C):
         return self.K * np.asarray(C, dtype=float) ** -self.gamma
+
+    def predict(self, C: float) -> dict:
+        """N_opt, D_opt and L_opt at budget C with the bootstrap's percentile interval of each
+        (``{"N_opt": (value, lo, hi), ...}``; NaN intervals without a bootstrap). The interval is the
+        fit's uncertainty: a measured optimum at C carries its own profile's scatter on top. L_opt's line
+        has no irreducible loss, so past the data it runs low of a loss that is flattening."""
+        log_C = math.log(C)
+        values = {"N_opt": float(self.N_opt(C)), "D_opt": float(self.D_opt(C)), "L_opt": float(self.L_opt(C))}
+        out = {}
+        for j, name in enumerate(values):
+            draws = np.exp(self.lines[:, j, 0] * log_C + self.lines[:, j, 1]) if len(self.lines) >= 2 else None
+            lo, hi = _percentiles(draws, self.ci_level) if draws is not None else (math.nan, math.nan)
+            out[name] = (values[name], lo, hi)
+        return out
 
 
 def _fit_profile(log_N, log_D, loss):
@@ -232,12 +249,13 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
     for name, column in (("N", 0), ("D", 1), ("L", 2)):
         values = [(budgets[i].N_opt, budgets[i].D_opt, budgets[i].L_opt)[column] for i in used]
         point[name] = _line(log_C, np.log(values)) if len(used) >= 2 else (math.nan, math.nan)
-    ci, n_used = {}, 0
+    ci, n_used, lines = {}, 0, np.empty((0, 3, 2))
     if bootstrap and len(used) >= 2:
         joint = np.stack([replicates[i] for i in used], axis=1)  # (bootstrap, budgets, 3)
         complete = np.all(np.isfinite(joint), axis=(1, 2))
         n_used = int(complete.sum())
-        slopes = np.array([[_line(log_C, np.log(draw[:, j]))[0] for j in range(3)] for draw in joint[complete]])
+        lines = np.array([[_line(log_C, np.log(draw[:, j])) for j in range(3)] for draw in joint[complete]])
+        slopes = lines[:, :, 0] if n_used else np.empty((0, 3))
         if n_used >= 2:
             ci = {"a": _percentiles(slopes[:, 0], ci_level), "b": _percentiles(slopes[:, 1], ci_level),
                   "gamma": tuple(sorted(-q for q in _percentiles(slopes[:, 2], ci_level)))}
@@ -267,5 +285,5 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
         budgets=tuple(budgets),
         a=point["N"][0], G=math.exp(point["N"][1]), b=point["D"][0], G_D=math.exp(point["D"][1]),
         gamma=-point["L"][0], K=math.exp(point["L"][1]), ci=ci, bootstrap=int(bootstrap), bootstrap_used=n_used,
-        identified=not warnings, warnings=warnings,
+        identified=not warnings, warnings=warnings, lines=lines, ci_level=ci_level,
     )
