@@ -508,9 +508,19 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def run_id(cfg: RunConfig) -> str:
-    """A stable 10-hex-digit hash of what defines the experiment (not how or where it runs)."""
+    """A stable 10-hex-digit hash of what defines the experiment (not how or where it runs).
+
+    Only values that differ from their defaults count, so a key added later with a default that keeps
+    the old behaviour leaves every existing run's id (and a committed study's results) valid."""
     import hashlib
     import json
 
-    defining = {k: v for k, v in cfg.to_dict().items() if k not in ("mesh", "log", "distributed", "checkpoint")}
+    defaults = config_from_dict({"model": {"family": cfg.model.family}}).to_dict()
+    defining = {}
+    for section, values in cfg.to_dict().items():
+        if section in ("mesh", "log", "distributed", "checkpoint"):
+            continue
+        changed = {k: v for k, v in values.items() if defaults[section].get(k) != v or k == "family"}
+        if changed:
+            defining[section] = changed
     return hashlib.sha256(json.dumps(defining, sort_keys=True).encode()).hexdigest()[:10]
