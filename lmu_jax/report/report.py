@@ -324,10 +324,10 @@ def rollout_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
 
 def runs_rows(results) -> tuple[list[str], list[list[str]]]:
     header = ["run", "family", "N", "N total", "D (tokens)", "C (FLOPs)", "C_6N", "steps", "budget",
-              "train loss", "val loss", "bits/byte"]
+              "train loss", "val loss", "bits/byte", "FLOP/s"]
     rows = [[r.row["run_id"], r.family, _fmt(r.N), _fmt(int(r.row["N_total"])), _fmt(r.D), _fmt(r.C, 3),
              _fmt(r.row["C_6N"], 3), _fmt(int(r.row["steps"])), r.budget_key, _fmt(r.row["train_loss"]),
-             _fmt(r.val_loss), _fmt(r.row["bits_per_byte"])]
+             _fmt(r.val_loss), _fmt(r.row["bits_per_byte"]), _fmt(float(r.row["flops_per_s"]) if r.row.get("flops_per_s") else "", 3)]
             for r in sorted(results, key=lambda r: (r.budget_key, r.family, r.N))]
     return header, rows
 

@@ -6,7 +6,9 @@ Columns of ``results.csv`` (one row per finished run):
     C (training FLOPs, our convention: 3 x analytic forward per token, `lmu_jax.flops`), C_6N (6 N D,
     Kaplan's), budget_kind, budget, steps, seq_len, batch_size, schedule, train_loss, val_loss,
     bits_per_token, bits_per_byte, split_protocol, split_bits_per_byte, curve (path of metrics.jsonl), run_dir,
-    seed (train.seed), lr (peak, optim.lr), branch_from (a cooldown branch: its parent's checkpoint)
+    seed (train.seed), lr (peak, optim.lr), branch_from (a cooldown branch: its parent's checkpoint),
+    flops_per_s (median training step's model FLOPs per second: the throughput the run got, under
+    whatever load the host had), microbatches (train.microbatches as the run resolved it)
 
 A cooldown branch's row has ``budget_kind`` "branch" and ``budget`` its own C (the parent's prefix
 and its cooldown): it is an (N, D) point of its own, not a member of its parent's budget. The runs of
@@ -33,6 +35,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import yaml
 
 from lmu_jax import storage
@@ -41,7 +44,8 @@ from lmu_jax.sweep.runner import SweepDir, run_status
 
 COLUMNS = ("run_id", "family", "size", "N", "N_total", "D", "C", "C_6N", "budget_kind", "budget", "steps",
            "seq_len", "batch_size", "schedule", "train_loss", "val_loss", "bits_per_token", "bits_per_byte",
-           "split_protocol", "split_bits_per_byte", "curve", "run_dir", "seed", "lr", "branch_from")
+           "split_protocol", "split_bits_per_byte", "curve", "run_dir", "seed", "lr", "branch_from",
+           "flops_per_s", "microbatches")
 TRAIN_LOSS_TAIL = 10
 
 
@@ -65,6 +69,9 @@ def run_row(run_dir, planned: dict | None) -> dict:
     metrics = read_metrics(run_dir / "metrics.jsonl")
     train = [r["loss"] for r in metrics if r.get("kind") == "train"]
     tail = train[-TRAIN_LOSS_TAIL:]
+    # training throughput: the median step's model FLOPs per second (compilation and evaluation excluded)
+    rates = [r["tokens_per_s"] * r["flops_model"] / r["tokens"] for r in metrics
+             if r.get("kind") == "train" and r.get("tokens") and r.get("tokens_per_s")]
     params = evaluation["params"]
     tokens = int(evaluation["tokens"])
     planned = planned or {}
@@ -94,6 +101,8 @@ def run_row(run_dir, planned: dict | None) -> dict:
         "seed": config["train"].get("seed", 0),  # (the trainer writes every key; copied runs may not)
         "lr": config.get("optim", {}).get("lr", ""),
         "branch_from": config["train"].get("branch_from", ""),
+        "flops_per_s": float(np.median(rates)) if rates else "",
+        "microbatches": config["train"].get("microbatches", ""),
     }
 
 
