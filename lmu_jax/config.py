@@ -3,7 +3,8 @@
     cfg = load_config("experiments/configs/default.yaml", ["model.d_model=256", "train.steps=2000"])
 
 The ``model`` section is family-specific: ``model.family`` picks the family, whose config class (a
-subclass of ``ModelConfig``, registered in ``lmu_jax.models``) says which other keys are allowed.
+subclass of ``ModelConfig``, lmu_jax/models/base.py) the registry (``lmu_jax.models``) gives; it says which
+other keys are allowed and how they are checked.
 Parsing is strict: an unknown key, a wrong type or an out-of-range value raises ``UserError`` naming
 the field (``train.steps``), the value and what is allowed.
 """
@@ -22,33 +23,11 @@ from typing import Any
 import yaml
 
 from lmu_jax.errors import UserError, bad_value
+from lmu_jax.models import FAMILIES, get_family
+from lmu_jax.models.base import ModelConfig
 
-DTYPES = ("float32", "bfloat16")
 DATA_ORDERS = ("auto", "shuffled", "streams")
 EVAL_SPLITS = ("validation", "test")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Keys shared by every family; each family subclasses this with its own keys."""
-
-    family: str = "transformer"  # registry name, see `lmu-jax flops --list`
-    vocab_size: int = 0  # 0 = take it from the tokenizer
-    d_model: int = 128  # residual width
-    n_layers: int = 2  # number of blocks
-    tie_embeddings: bool = True  # share the input embedding with the output projection
-    dtype: str = "float32"  # compute dtype; parameters stay float32, loss and softmax float32
-
-    def resolved(self, vocab_size: int, seq_len: int) -> "ModelConfig":
-        """Fill what comes from the data (vocabulary; families add e.g. theta = seq_len)."""
-        return dataclasses.replace(self, vocab_size=self.vocab_size or vocab_size)
-
-    def validate(self) -> None:
-        _positive(self, "d_model", "n_layers")
-        if self.vocab_size < 0:
-            raise bad_value("model.vocab_size", self.vocab_size, "0 (from the tokenizer) or a positive int")
-        if self.dtype not in DTYPES:
-            raise bad_value("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -268,7 +247,7 @@ def tokenizer_vocab_size(data: DataConfig) -> int:
 
 
 def _positive(section, *names):
-    prefix = _SECTION_NAMES.get(type(section), "model")
+    prefix = _SECTION_NAMES[type(section)]
     for name in names:
         value = getattr(section, name)
         if value <= 0:
@@ -345,11 +324,7 @@ def build_section(cls, values: dict, path: str):
 
 
 def _model_config_class(family: str):
-    from lmu_jax.models import FAMILIES  # the registry owns the family-specific classes
-
-    if family not in FAMILIES:
-        raise bad_value("model.family", family, f"one of {', '.join(sorted(FAMILIES))}")
-    return FAMILIES[family].config_cls
+    return get_family(family).config_cls
 
 
 def _field_names(cls) -> set[str]:
@@ -359,8 +334,6 @@ def _field_names(cls) -> set[str]:
 def _check_model_keys(family: str, cls, values: dict) -> None:
     """A model key of another family names the families that have it (a misspelled key gets the
     generic message of ``build_section``)."""
-    from lmu_jax.models import FAMILIES
-
     for key in values:
         owners = sorted(name for name, f in FAMILIES.items() if key in _field_names(f.config_cls))
         if key not in _field_names(cls) and owners:

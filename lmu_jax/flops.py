@@ -3,7 +3,8 @@
 Convention (docs/flops.md says why and how the tests check it):
 - ``forward_flops_per_token`` (per family, in its model file) counts matmuls as 2·m·k per token, the
   unembedding included, the embedding gather excluded; causal attention counts half of the full QKᵀ
-  and AV; family-specific ops (LMU memory convolutions, scans) are counted by their own formulas.
+  and AV (``dense_flops``, ``attention_flops`` in lmu_jax/models/base.py); family-specific ops (LMU
+  memory convolutions, scans) are counted by their own formulas.
 - training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``. A family with
   carried state is counted as the trainer runs it: with its memory when the state is fed (data.order
   streams), without when it is not (Transformer-XL's stateless call computes no memory rows).
@@ -21,25 +22,14 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lmu_jax.models import build_model, get_family
+
 EMBEDDING_AXES = ("vocab", "position")
-
-
-def dense_flops(d_in: int, d_out: int) -> float:
-    """Forward FLOPs per token of a d_in x d_out matmul (multiply + add)."""
-    return 2.0 * d_in * d_out
-
-
-def attention_flops(d_attn: int, seq_len: int, causal: bool = True) -> float:
-    """Forward FLOPs per token of QKᵀ and AV over a window of seq_len; causal counts half the map."""
-    full = 2.0 * 2.0 * d_attn * seq_len
-    return full / 2 if causal else full
 
 
 def model_flops_per_token(cfg, seq_len: int, *, carried: bool) -> float:
     """Training FLOPs per token: 3 × the family's analytic forward count, as the trainer computes it:
     ``carried`` (``lmu_jax.models.carries_state``) says whether a family with carried state is fed it."""
-    from lmu_jax.models import get_family
-
     family = get_family(cfg.family)
     if family.initial_state is None:
         return 3.0 * family.forward_flops_per_token(cfg, seq_len)
@@ -52,8 +42,6 @@ def kaplan_flops_per_token(non_embedding_params: int) -> float:
 
 def abstract_variables(cfg, seq_len: int):
     """Shapes of the model's variables (boxed with logical axes), without allocating anything."""
-    from lmu_jax.models import build_model
-
     model = build_model(cfg)
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
     return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)

@@ -26,10 +26,10 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import param_counts
 from lmu_jax.models import get_family
+from lmu_jax.models.base import ModelConfig
 
 TOLERANCE = 0.05
 MAX_WIDTH = 1 << 15

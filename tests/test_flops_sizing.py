@@ -27,8 +27,9 @@ import numpy as np
 import pytest
 
 from lmu_jax.config import load_config
-from lmu_jax.flops import attention_flops, param_counts, xla_flops
+from lmu_jax.flops import param_counts, xla_flops
 from lmu_jax.models import FAMILIES, build_model
+from lmu_jax.models.base import attention_flops
 from lmu_jax.models.lmu import LMUConfig, forward_flops_per_token, memory_flops_per_token, table2_flops
 from lmu_jax.ops import fft_length
 from lmu_jax.sizing import non_embedding_params, paper_width, solve

@@ -1,36 +1,19 @@
-"""The model registry: family name -> ``Family`` (config class, module builder, forward FLOPs).
+"""The model registry: family name -> ``Family`` (config class, module builder, forward FLOPs, ...).
 
-The trainer knows a family only through this record. Adding a family = one model file that defines
-``FAMILIES = [Family(...)]``, one line in ``_FAMILY_MODULES`` below, and tests.
+The trainer knows a family only through this record (``lmu_jax/models/base.py``). Adding a family = one
+model file that defines ``FAMILIES = [Family(...)]``, one line in ``_FAMILY_MODULES`` below, and tests.
 """
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmu_jax.config import ModelConfig
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    config_cls: type  # a frozen dataclass subclassing ModelConfig
-    build: Callable[[ModelConfig], nn.Module]  # resolved config -> linen module
-    # (cfg, seq_len) -> analytic forward FLOPs per token; a family with carried state also takes
-    # ``carried=`` (whether the state is fed, so that e.g. Transformer-XL's memory rows are computed)
-    forward_flops_per_token: Callable[..., float]
-    description: str = ""
-    # Families with carried state (Transformer-XL memory, QRNN cells): (cfg, batch, evaluation=False) -> a
-    # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
-    # argument and returns (logits, new_state). None: stateless.
-    initial_state: Callable | None = None
-
+from lmu_jax.errors import bad_value
+from lmu_jax.models.base import Family, ModelConfig
 
 _FAMILY_MODULES = ["transformer", "lmu", "lstm", "transformer_xl", "qrnn", "multiscale"]
 
@@ -48,8 +31,6 @@ FAMILIES: dict[str, Family] = _load()
 
 
 def get_family(name: str) -> Family:
-    from lmu_jax.errors import bad_value
-
     if name not in FAMILIES:
         raise bad_value("model.family", name, f"one of {', '.join(sorted(FAMILIES))}")
     return FAMILIES[name]

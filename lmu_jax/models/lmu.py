@@ -37,10 +37,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import attention_flops, dense_flops
-from lmu_jax.models import Family
+from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
 from lmu_jax.models.layers import (DEFAULT_INIT, Embedder, Mlp, Norm, causal_attention, dtype_of, partitioned,
                                    rotary)
 from lmu_jax.ops import MEMORY_IMPLS, default_chunk_len, lmu_memory_folded, lmu_memory_step

@@ -31,10 +31,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import dense_flops
-from lmu_jax.models import Family
+from lmu_jax.models.base import Family, ModelConfig, dense_flops
 from lmu_jax.models.layers import Embedder, Norm, dtype_of, partitioned
 
 FORGET_GATE = 1  # gate order along the fused axis: input, forget, cell, output

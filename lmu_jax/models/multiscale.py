@@ -31,10 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import attention_flops, dense_flops
-from lmu_jax.models import Family, transformer
+from lmu_jax.models import transformer
+from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
 from lmu_jax.models.layers import CausalSelfAttention, Dense, dtype_of, rotary
 
 TOPOLOGIES = ("bottom_up", "top_down", "retina")

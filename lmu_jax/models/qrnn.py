@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import dense_flops
-from lmu_jax.models import Family
+from lmu_jax.models.base import Family, dense_flops
 from lmu_jax.models.layers import DEFAULT_INIT, Dense, dtype_of, partitioned
 from lmu_jax.models.transformer_xl import (AdaptiveIO, FeedForward, LayerNorm, RelativeAttention, TransformerXLConfig,
                                            adaptive_io_flops, attention_flops_per_token, attention_mask,

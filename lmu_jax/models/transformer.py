@@ -11,10 +11,8 @@ from dataclasses import dataclass, replace
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import attention_flops, dense_flops
-from lmu_jax.models import Family
+from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
 from lmu_jax.models.layers import DEFAULT_INIT, CausalSelfAttention, Embedder, Mlp, Norm, dtype_of, partitioned
 
 

@@ -61,10 +61,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lmu_jax.config import ModelConfig
 from lmu_jax.errors import bad_value
-from lmu_jax.flops import dense_flops
-from lmu_jax.models import Family
+from lmu_jax.models.base import Family, ModelConfig, dense_flops
 from lmu_jax.models.layers import DEFAULT_INIT, Dense, Norm, dtype_of, partitioned
 
 PROJ_INIT = nn.initializers.normal(stddev=0.01)  # adaptive-IO projections (reference proj_init_std)

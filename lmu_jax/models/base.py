@@ -1,0 +1,68 @@
+"""What every family is written with: ``ModelConfig`` (the keys all families share), the registry record
+``Family``, and the per-operation FLOP counts that the families' analytic counts add up.
+
+A leaf module (it imports no other lmu_jax module but ``errors``), so that the family modules, the
+registry (``lmu_jax.models``) and ``lmu_jax.config``, which asks the registry for a family's config
+class, import each other in one direction only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from lmu_jax.errors import bad_value
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Keys shared by every family; each family subclasses this with its own keys."""
+
+    family: str = "transformer"  # registry name, see `lmu-jax flops --list`
+    vocab_size: int = 0  # 0 = take it from the tokenizer
+    d_model: int = 128  # residual width
+    n_layers: int = 2  # number of blocks
+    tie_embeddings: bool = True  # share the input embedding with the output projection
+    dtype: str = "float32"  # compute dtype; parameters stay float32, loss and softmax float32
+
+    def resolved(self, vocab_size: int, seq_len: int) -> "ModelConfig":
+        """Fill what comes from the data (vocabulary; families add e.g. theta = seq_len)."""
+        return dataclasses.replace(self, vocab_size=self.vocab_size or vocab_size)
+
+    def validate(self) -> None:
+        for name in ("d_model", "n_layers"):
+            if getattr(self, name) <= 0:
+                raise bad_value(f"model.{name}", getattr(self, name), "a positive number")
+        if self.vocab_size < 0:
+            raise bad_value("model.vocab_size", self.vocab_size, "0 (from the tokenizer) or a positive int")
+        if self.dtype not in DTYPES:
+            raise bad_value("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    config_cls: type  # a frozen dataclass subclassing ModelConfig
+    build: Callable[[ModelConfig], Any]  # resolved config -> linen module
+    # (cfg, seq_len) -> analytic forward FLOPs per token; a family with carried state also takes
+    # ``carried=`` (whether the state is fed, so that e.g. Transformer-XL's memory rows are computed)
+    forward_flops_per_token: Callable[..., float]
+    description: str = ""
+    # Families with carried state (Transformer-XL memory, QRNN cells): (cfg, batch, evaluation=False) -> a
+    # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
+    # argument and returns (logits, new_state). None: stateless.
+    initial_state: Callable | None = None
+
+
+def dense_flops(d_in: int, d_out: int) -> float:
+    """Forward FLOPs per token of a d_in x d_out matmul (multiply + add)."""
+    return 2.0 * d_in * d_out
+
+
+def attention_flops(d_attn: int, seq_len: int, causal: bool = True) -> float:
+    """Forward FLOPs per token of QKᵀ and AV over a window of seq_len; causal counts half the map."""
+    full = 2.0 * 2.0 * d_attn * seq_len
+    return full / 2 if causal else full
