@@ -447,11 +447,11 @@ def switch_family(raw: dict, overrides: list[str], source: str) -> tuple[dict, s
 
 # The `auto` settings. On CPU a train step is fastest when one part's activations stay in the last-level
 # cache: gradient accumulation over microbatches of this many tokens (at least one sequence) measured
-# 1.4x faster than one pass at d 1024 (benchmarks/results/cpu.md), for the families listed; the LSTM's
-# recurrent matmuls have one row per sequence of a part, and parts of 2 rows starved them (3x slower).
+# 1.4x faster than one pass at d 1024 (benchmarks/results/cpu.md), for the families whose record says so
+# (``Family.cpu_microbatches``); the LSTM's recurrent matmuls have one row per sequence of a part, and
+# parts of 2 rows starved them (3x slower).
 # Accelerators keep one pass (their memory is what microbatches trade for) and remat (model.remat) on.
 CPU_MICROBATCH_TOKENS = 512
-CPU_ACCUMULATED_FAMILIES = ("transformer", "lmu", "lmu_attn")
 
 
 def resolve_auto(cfg: RunConfig, platform: str, data_parallel: int = 1) -> RunConfig:
@@ -460,12 +460,10 @@ def resolve_auto(cfg: RunConfig, platform: str, data_parallel: int = 1) -> RunCo
     the run's config.yaml and checkpoints hold the values used (its run id stays that of the config as
     given: a sweep's planned id names its run directory). Neither changes the update:
     microbatches split the same batch's gradient sum, remat recomputes instead of storing."""
-    model, train = cfg.model, cfg.train
-    if getattr(model, "remat", None) == "auto":
-        model = dataclasses.replace(model, remat=platform != "cpu")
+    model, train = cfg.model.resolve_auto(platform), cfg.train
     if train.microbatches == "auto":
         parts = 1
-        if platform == "cpu" and model.family in CPU_ACCUMULATED_FAMILIES:
+        if platform == "cpu" and get_family(model.family).cpu_microbatches:
             # the most parts whose rows are a multiple of the data-parallel size and hold >= the tokens
             for count in range(1, train.batch_size + 1):
                 rows = train.batch_size // count

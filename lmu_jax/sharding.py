@@ -14,25 +14,39 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmu_jax.errors import UserError
+from lmu_jax.models import FAMILIES
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the global batch is split over both data-parallel axes
 
-# Logical axis -> mesh axis (None = replicated). Sequence axes are never sharded: the LMU memory
-# convolution and the scans run along time.
-LOGICAL_RULES = (
+# Logical axis -> mesh axis (None = replicated), for the axes families share. Sequence axes are never
+# sharded: the LMU memory convolution and the scans run along time.
+SHARED_RULES = (
     ("batch", BATCH_AXES),
     ("embed", "fsdp"),
     ("vocab", "tensor"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv", None),
-    ("order", "fsdp"),  # the LMU L_i (q' x q) split over q when q divides: tiny, but not left whole
-    ("order_reduced", None),  # the LMU's q' rows of L_i and its readout p: tiny, replicated
     ("position", None),
     ("norm", None),
     ("layers", None),
 )
+
+
+def _with_family_rules(shared) -> tuple:
+    """The shared rules, then the axes of each family's own (``Family.logical_rules``), each once:
+    families that name the same axis must map it alike, and no family remaps a shared axis."""
+    rules = dict(shared)
+    for family in FAMILIES.values():
+        for axis, mesh_axis in family.logical_rules:
+            if axis in dict(shared) or rules.setdefault(axis, mesh_axis) != mesh_axis:
+                raise ValueError(f"family {family.name}: logical axis {axis!r} -> {mesh_axis!r} conflicts with "
+                                 f"{axis!r} -> {rules[axis]!r} of the shared rules or another family")
+    return tuple(rules.items())
+
+
+LOGICAL_RULES = _with_family_rules(SHARED_RULES)
 
 
 def mesh_shape(mesh_cfg, device_count: int) -> tuple[int, int, int]:

@@ -2,9 +2,11 @@
 
     cfg = solve("lmu", 200_000, seq_len=256)       # -> LMUConfig with d_model chosen, |N/target - 1| <= 5 %
 
-Every family has one documented shape rule that leaves a single width free; the solver picks that
-width, measuring N exactly with ``lmu_jax.flops.param_counts`` (so biases, norms and the LMU's L_i are
-all counted), never with a formula. Per family:
+Every family has one shape rule, in its registry record (``Family.shape_rule``, lmu_jax/models/base.py),
+that leaves a single width free; the solver picks that width, measuring N exactly with
+``lmu_jax.flops.param_counts`` (so biases, norms and the LMU's L_i are all counted), never with a
+formula. Per family (multiscale: the transformer's heads and d_ff, at a fixed depth; Transformer-XL,
+SCH-TXL and the QRNN hybrid: d_model alone):
 
 - transformer: the base config's aspect ratio d_model / n_layers is kept (default 128 / 2 = 64):
   n_layers = round((N / (12 a²))^(1/3)) (from N ≈ 12 L d², d = a L), then d_model is solved at that
@@ -47,18 +49,18 @@ def _attention_width_ok(d_model: int) -> bool:
 
 def _with_width(base: ModelConfig, width: int) -> ModelConfig:
     """The base config at d_model = width, with the other widths following the family's rule."""
-    cfg = replace(base, d_model=width)
-    if hasattr(base, "n_heads"):
-        cfg = replace(cfg, n_heads=heads_for_width(width))
-    if getattr(base, "d_proj", 0):
-        cfg = replace(cfg, d_proj=max(1, round(width * base.d_proj / base.d_model)))
-    if getattr(base, "d_ff", 0):
-        cfg = replace(cfg, d_ff=max(1, round(width * base.d_ff / base.d_model)))
-    return cfg
+    rule = get_family(base.family).shape_rule
+    changes = {"d_model": width}
+    if rule.heads:
+        changes[rule.heads] = heads_for_width(width)
+    for key in rule.scaled:
+        if getattr(base, key):
+            changes[key] = max(1, round(width * getattr(base, key) / base.d_model))
+    return replace(base, **changes)
 
 
 def _valid_widths(base: ModelConfig) -> list[int]:
-    if hasattr(base, "n_heads"):  # attention: even head widths
+    if get_family(base.family).shape_rule.heads:  # attention: even head widths
         return [w for w in range(2, MAX_WIDTH + 1, 2) if _attention_width_ok(w)]
     return list(range(1, MAX_WIDTH + 1))
 
@@ -131,13 +133,13 @@ def solve(family: str, target_non_embedding_params: float, *, base_cfg: ModelCon
     if target_non_embedding_params <= 0:
         raise bad_value("target_non_embedding_params", target_non_embedding_params, "a positive number")
     if rule == "paper":
-        if family not in ("lmu", "lmu_attn"):
+        if not fam.shape_rule.paper_width:
             raise bad_value("rule", rule, "'search' for this family ('paper' is the LMU width rule)")
         return _with_width(base, paper_width(target_non_embedding_params))
     if rule != "search":
         raise bad_value("rule", rule, "search or paper")
 
-    if family == "transformer":
+    if fam.shape_rule.depth:
         aspect = base.d_model / base.n_layers
         ideal_layers = (target_non_embedding_params / (12 * aspect**2)) ** (1 / 3)
         depths = sorted({max(1, math.floor(ideal_layers)), max(1, math.ceil(ideal_layers))},

@@ -106,6 +106,7 @@ def test_memory_evaluation_equals_one_long_pass(tmp_path, kjv_cache):
     params = trainer.init_state()["params"]
     result = trainer.evaluator.split(params)
     assert result["protocol"] == "memory" and result["targets"] == streams * per_stream
+    assert (result["memory_length"], result["clamp_len"], result["same_length"]) == (per_stream, 0, False)
     tokens = np.asarray(trainer.cache.tokens("validation")[:streams * per_stream + 1])
     rows = np.stack([tokens[b * per_stream:(b + 1) * per_stream + 1] for b in range(streams)])
     one_pass = token_losses(trainer.model.apply, jax.device_get(params), jnp.asarray(rows), train=False)

@@ -1,5 +1,5 @@
 """What every family is written with: ``ModelConfig`` (the keys all families share), the registry record
-``Family``, and the per-operation FLOP counts that the families' analytic counts add up.
+``Family`` and its ``ShapeRule``, and the per-operation FLOP counts that the families' analytic counts add up.
 
 A leaf module (it imports no other lmu_jax module but ``errors``), so that the family modules, the
 registry (``lmu_jax.models``) and ``lmu_jax.config``, which asks the registry for a family's config
@@ -32,6 +32,16 @@ class ModelConfig:
         """Fill what comes from the data (vocabulary; families add e.g. theta = seq_len)."""
         return dataclasses.replace(self, vocab_size=self.vocab_size or vocab_size)
 
+    def resolve_auto(self, platform: str) -> "ModelConfig":
+        """This config with its ``auto`` speed settings made concrete for `platform` (the model's share of
+        ``lmu_jax.config.resolve_auto``); a family with such a key overrides this."""
+        return self
+
+    def eval_context(self) -> dict:
+        """Settings that shape a whole-split evaluation with carried state, recorded beside its result
+        (``eval.json`` ``split_eval``); a family whose evaluation has such settings overrides this."""
+        return {}
+
     def validate(self) -> None:
         for name in ("d_model", "n_layers"):
             if getattr(self, name) <= 0:
@@ -40,6 +50,16 @@ class ModelConfig:
             raise bad_value("model.vocab_size", self.vocab_size, "0 (from the tokenizer) or a positive int")
         if self.dtype not in DTYPES:
             raise bad_value("model.dtype", self.dtype, f"one of {', '.join(DTYPES)}")
+
+
+@dataclass(frozen=True)
+class ShapeRule:
+    """How ``lmu_jax.sizing`` scales a family to a target size: d_model is the free width, these follow it."""
+
+    heads: str = ""  # the key of the attention head count, set to heads ~64 wide with an even width; "" = none
+    scaled: tuple[str, ...] = ()  # widths kept in proportion to d_model where the base sets them (0 stays 0)
+    depth: bool = False  # n_layers follows the target too, keeping the base config's d_model / n_layers
+    paper_width: bool = False  # the LMU paper's width rule d = sqrt(N / 24) (sizing rule="paper") applies
 
 
 @dataclass(frozen=True)
@@ -55,6 +75,12 @@ class Family:
     # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
     # argument and returns (logits, new_state). None: stateless.
     initial_state: Callable | None = None
+    shape_rule: ShapeRule = ShapeRule()
+    # (logical axis, mesh axis or None) for the axes only this family's parameters have
+    # (``lmu_jax.sharding`` adds them to the shared rules)
+    logical_rules: tuple[tuple[str, str | None], ...] = ()
+    # train.microbatches=auto on CPU accumulates over parts of ~512 tokens (lmu_jax.config.resolve_auto)
+    cpu_microbatches: bool = False
 
 
 def dense_flops(d_in: int, d_out: int) -> float:

@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from lmu_jax.errors import bad_value
-from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
+from lmu_jax.models.base import Family, ModelConfig, ShapeRule, attention_flops, dense_flops
 from lmu_jax.models.layers import (DEFAULT_INIT, Embedder, Mlp, Norm, causal_attention, dtype_of, partitioned,
                                    rotary)
 from lmu_jax.ops import MEMORY_IMPLS, default_chunk_len, lmu_memory_folded, lmu_memory_step
@@ -97,6 +97,9 @@ class LMUConfig(ModelConfig):
     def resolved(self, vocab_size: int, seq_len: int) -> "LMUConfig":
         cfg = super().resolved(vocab_size, seq_len)
         return replace(cfg, theta=cfg.theta or float(seq_len))
+
+    def resolve_auto(self, platform: str) -> "LMUConfig":
+        return replace(self, remat=platform != "cpu") if self.remat == "auto" else self
 
 
 @dataclass(frozen=True)
@@ -363,9 +366,17 @@ def forward_flops_per_token(cfg: LMUConfig, seq_len: int, memory_impl: str = "ff
     return cfg.n_layers * per_layer + dense_flops(d, cfg.vocab_size)
 
 
+# The L_i (q' x q) are split over q across fsdp when q divides (tiny, but not left whole); their q' rows
+# and the readout p stay replicated.
+LMU_LOGICAL_RULES = (("order", "fsdp"), ("order_reduced", None))
+
 FAMILIES = [
     Family("lmu", LMUConfig, LMULanguageModel, forward_flops_per_token,
-           "LMU LM (Chilkuri et al. 2021): FFN -> Legendre memory -> implicit attention -> FFN"),
+           "LMU LM (Chilkuri et al. 2021): FFN -> Legendre memory -> implicit attention -> FFN",
+           shape_rule=ShapeRule(scaled=("d_ff",), paper_width=True), logical_rules=LMU_LOGICAL_RULES,
+           cpu_microbatches=True),
     Family("lmu_attn", LMUAttnConfig, LMULanguageModel, forward_flops_per_token,
-           "LMU LM with causal global attention in place of the first FFN"),
+           "LMU LM with causal global attention in place of the first FFN",
+           shape_rule=ShapeRule(heads="n_heads", scaled=("d_ff",), paper_width=True),
+           logical_rules=LMU_LOGICAL_RULES, cpu_microbatches=True),
 ]

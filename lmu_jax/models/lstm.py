@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from lmu_jax.errors import bad_value
-from lmu_jax.models.base import Family, ModelConfig, dense_flops
+from lmu_jax.models.base import Family, ModelConfig, ShapeRule, dense_flops
 from lmu_jax.models.layers import Embedder, Norm, dtype_of, partitioned
 
 FORGET_GATE = 1  # gate order along the fused axis: input, forget, cell, output
@@ -271,5 +271,6 @@ def forward_flops_per_token(cfg: LSTMConfig, seq_len: int) -> float:
 
 FAMILIES = [
     Family("lstm", LSTMConfig, LSTMLanguageModel, forward_flops_per_token,
-           "multi-layer LSTM (fused 4-gate cell, optional LSTMP projection), scanned over time"),
+           "multi-layer LSTM (fused 4-gate cell, optional LSTMP projection), scanned over time",
+           shape_rule=ShapeRule(scaled=("d_proj",))),
 ]

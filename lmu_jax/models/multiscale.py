@@ -33,7 +33,7 @@ import numpy as np
 
 from lmu_jax.errors import bad_value
 from lmu_jax.models import transformer
-from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
+from lmu_jax.models.base import Family, ModelConfig, ShapeRule, attention_flops, dense_flops
 from lmu_jax.models.layers import CausalSelfAttention, Dense, dtype_of, rotary
 
 TOPOLOGIES = ("bottom_up", "top_down", "retina")
@@ -279,5 +279,6 @@ def memory_footprint(cfg: MultiscaleConfig, batch: int, seq_len: int) -> dict:
 
 FAMILIES = [
     Family("multiscale", MultiscaleConfig, MultiscaleLM, forward_flops_per_token,
-           "multi-scale transformer: causal-pooling hourglass (bottom-up / top-down) or retina attention"),
+           "multi-scale transformer: causal-pooling hourglass (bottom-up / top-down) or retina attention",
+           shape_rule=ShapeRule(heads="n_heads", scaled=("d_ff",))),
 ]

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from lmu_jax.errors import bad_value
-from lmu_jax.models.base import Family, ModelConfig, attention_flops, dense_flops
+from lmu_jax.models.base import Family, ModelConfig, ShapeRule, attention_flops, dense_flops
 from lmu_jax.models.layers import DEFAULT_INIT, CausalSelfAttention, Embedder, Mlp, Norm, dtype_of, partitioned
 
 
@@ -100,5 +100,6 @@ def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
 
 FAMILIES = [
     Family("transformer", TransformerConfig, Transformer, forward_flops_per_token,
-           "decoder-only pre-norm transformer (rotary or learned positions)"),
+           "decoder-only pre-norm transformer (rotary or learned positions)",
+           shape_rule=ShapeRule(heads="n_heads", scaled=("d_ff",), depth=True), cpu_microbatches=True),
 ]

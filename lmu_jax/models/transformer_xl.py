@@ -106,6 +106,10 @@ class TransformerXLConfig(ModelConfig):
     def memory_length(self, evaluation: bool = False) -> int:
         return (self.eval_mem_len or self.mem_len) if evaluation else self.mem_len
 
+    def eval_context(self) -> dict:
+        return {"memory_length": self.memory_length(evaluation=True), "clamp_len": self.clamp_len,
+                "same_length": self.same_length}
+
     def skip_probabilities(self) -> tuple[float, ...]:
         return (0.0,) * self.n_layers  # Transformer-XL never skips
 

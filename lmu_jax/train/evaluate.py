@@ -112,10 +112,8 @@ class Evaluator:
                   "targets": targets, "loss": loss, "bits_per_token": loss / math.log(2),
                   "bits_per_byte": nats / math.log(2) / len(text), "perplexity": math.exp(loss)}
         if self.memory:
-            result.update(streams=self.split_batch, segment_length=self.length)
-            if hasattr(self.model_cfg, "memory_length"):  # the result states its evaluation context
-                result.update(memory_length=self.model_cfg.memory_length(evaluation=True),
-                              clamp_len=self.model_cfg.clamp_len, same_length=self.model_cfg.same_length)
+            # the result states its evaluation context
+            result.update(streams=self.split_batch, segment_length=self.length, **self.model_cfg.eval_context())
         else:
             result.update(context=self.length, stride=self.stride)
         if self.cfg.eval.word_level:
