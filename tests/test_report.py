@@ -223,3 +223,37 @@ def test_report_of_collected_results_without_run_directories(synthetic_sweep, tm
     assert "loss_vs_tokens" not in written["figures"] and not (tmp_path / "report" / "loss_vs_tokens.png").exists()
     assert "per_position" in written["figures"] and "## IsoFLOP analysis" in markdown
     assert (tmp_path / "results.csv").read_text() == (synthetic_sweep / "results.csv").read_text()  # not rewritten
+
+
+def test_the_lmu_papers_claims_are_checked_and_stated(report):
+    """The synthetic LMU has the lower law at every size: claims 1 and 2 hold (one seed: noise unknown);
+    the 16-token window is too short for the per-position claim; no LMU + attention: claim 4 not tested."""
+    markdown = report["markdown"].read_text()
+    section = markdown[markdown.index("## The LMU paper's claims at this scale"):]
+    claim1 = section[section.index("### 1."):section.index("### 2.")]
+    assert claim1.count("holds (noise unknown: one seed, no floor)") == 3  # the three FLOP budgets
+    assert "does not hold" not in claim1
+    claim2 = section[section.index("### 2."):section.index("### 3.")]
+    assert "holds at every size" in claim2
+    assert "Not tested: the LMU or the transformer has no per-position loss over a window longer" in section
+    assert "Not tested: the sweep has no LMU + attention runs." in section
+
+
+def test_per_position_flattening_is_judged_against_the_transformers_gain():
+    from types import SimpleNamespace
+
+    from lmu_jax.report.claims import context_gain, position_rows
+
+    positions = np.arange(256)
+    transformer = 2.0 + 1.0 / np.sqrt(positions + 1)  # keeps gaining from context
+    lmu = 2.0 + np.where(positions < 100, 1.0 / np.sqrt(positions + 1), 0.1)  # flat after 100 tokens
+    assert context_gain(lmu) < 0.5 * context_gain(transformer)
+
+    def run(family, per_position, loss):
+        return SimpleNamespace(family=family, per_position_loss=per_position, val_loss=loss, N=1000,
+                               row={"budget_kind": "flops", "budget": 1e12})
+
+    rows, gains = position_rows([run("lmu", lmu, 2.1), run("transformer", transformer, 2.1),
+                                 run("lmu", lmu + 1, 3.1)], ["transformer", "lmu"])
+    assert [r[0] for r in rows] == ["Transformer", "LMU"]
+    assert gains["lmu"] == pytest.approx(context_gain(lmu))

@@ -37,7 +37,8 @@ import yaml
 from lmu_jax import storage
 from lmu_jax.errors import UserError
 from lmu_jax.report import plots
-from lmu_jax.report.noise import main_runs, noise_sections
+from lmu_jax.report.claims import claims_sections
+from lmu_jax.report.noise import main_runs, noise_floor, noise_sections, seed_stats
 from lmu_jax.report.runs import budgets_in_order, load_results
 
 DEFAULT_BOOTSTRAP = 200
@@ -462,6 +463,8 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
     s += noise_sections(collected.get("sweep_dir"), results, equal_flops_table(results), data_efficiency_table(results),
                         families)
     s += fit_sections(fits, bootstrap)
+    s += claims_sections(results, equal_flops_table(results), data_efficiency_table(results) if collected["curves"]
+                         else [], noise_floor(seed_stats(results))[0], families)
     s.append(("h2", "Figures"))
     for stem, caption in FIGURES:
         if stem in figures:
@@ -547,8 +550,8 @@ def render_markdown(sections) -> str:
     for kind, payload in sections:
         if kind == "h1":
             out.append(f"# {payload}")
-        elif kind == "h2":
-            out.append(f"## {payload}")
+        elif kind in ("h2", "h3"):
+            out.append(f"{'#' * int(kind[1])} {payload}")
         elif kind == "p":
             out.append(payload)
         elif kind == "table":
@@ -562,7 +565,7 @@ def render_markdown(sections) -> str:
 def render_html(sections, title) -> str:
     body = []
     for kind, payload in sections:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(payload)}</{kind}>")
         elif kind == "p":  # `command` in the text -> <code>
             body.append("<p>" + re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(payload)) + "</p>")
