@@ -12,6 +12,8 @@ the field (``train.steps``), the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
 import sys
 import types
@@ -22,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from lmu_jax import storage
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.models import FAMILIES, get_family
 from lmu_jax.models.base import ModelConfig
@@ -393,8 +396,6 @@ def merge_overrides(raw: dict, overrides: list[str]) -> dict:
 
 
 def read_yaml(path: str | Path) -> dict:
-    from lmu_jax import storage
-
     path = storage.path(path, "--config")
     if not path.is_file():
         raise bad_value("--config", str(path), "an existing YAML file")
@@ -483,9 +484,6 @@ def run_id(cfg: RunConfig) -> str:
 
     Only values that differ from their defaults count, so a key added later with a default that keeps
     the old behaviour leaves every existing run's id (and a committed study's results) valid."""
-    import hashlib
-    import json
-
     defaults = config_from_dict({"model": {"family": cfg.model.family}}).to_dict()
     defining = {}
     for section, values in cfg.to_dict().items():
