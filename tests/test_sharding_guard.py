@@ -9,7 +9,8 @@ from helpers import FAMILY_TINY
 from lmu_jax.config import MeshConfig, config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.models import FAMILIES, build_model
-from lmu_jax.sharding import check_sufficiently_sharded, make_mesh, param_shardings, replicated_fraction
+from lmu_jax.sharding import (LOGICAL_RULES, SHARED_RULES, _with_family_rules, check_sufficiently_sharded, make_mesh,
+                              param_shardings, replicated_fraction)
 
 
 def abstract_params(family: str):
@@ -22,6 +23,17 @@ def abstract_params(family: str):
 
 def test_every_family_has_a_tiny_test_config():
     assert set(FAMILY_TINY) == set(FAMILIES)
+
+
+def test_family_axes_join_the_shared_rules_and_cannot_remap_them():
+    """A family's own logical axes (Family.logical_rules, e.g. the LMU's order) are mapped as it says;
+    one that a shared rule already maps is refused."""
+    rules = dict(LOGICAL_RULES)
+    assert len(rules) == len(LOGICAL_RULES) and rules["order"] == "fsdp" and rules["order_reduced"] is None
+    for family in FAMILIES.values():
+        assert all(rules[axis] == mesh_axis for axis, mesh_axis in family.logical_rules)
+    with pytest.raises(ValueError, match="'order'"):
+        _with_family_rules(SHARED_RULES + (("order", None),))
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_TINY))
