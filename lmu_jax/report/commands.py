@@ -20,4 +20,9 @@ def cmd_report(args) -> int:
         raise UserError(f"SWEEP_DIR={args.sweep_dir!r} is invalid: no such directory")
     written = build_report(args.sweep_dir, bootstrap=args.bootstrap)
     print(f"report: {written['html']}  (markdown: {written['markdown']})")
+    if written["spikes"]:
+        from lmu_jax.report.stability import spike_text
+
+        print(f"loss spikes ({len(written['spikes'])}; report section 'Training stability'): "
+              + ", ".join(spike_text(spike) for spike in written["spikes"]))
     return 0

@@ -40,6 +40,7 @@ from lmu_jax.report import plots
 from lmu_jax.report.claims import claims_sections
 from lmu_jax.report.noise import main_runs, noise_floor, noise_sections, seed_stats
 from lmu_jax.report.runs import budgets_in_order, load_results
+from lmu_jax.report.stability import run_spikes, stability_sections
 
 DEFAULT_BOOTSTRAP = 200
 
@@ -411,7 +412,7 @@ def build_report(sweep_dir, *, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_gr
         storage.copy_tree(local, out)
         shutil.rmtree(local)
     return {"markdown": out / "report.md", "html": out / "report.html", "figures": figures, "fits": fits,
-            "results": results}
+            "results": results, "spikes": run_spikes(results) if collected["curves"] else []}
 
 
 def _family_order(spec, family):
@@ -452,6 +453,7 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
     s.append(("p", "The same table, unrounded: results.csv in the sweep directory (per-position losses: "
                    "per_position.json); `lmu-jax fit <sweep dir>/results.csv --law chinchilla|frontier|kaplan-n|isoflop` "
                    "refits it."))
+    s += stability_sections(results, collected["curves"])
     s.append(("h2", "Loss at equal FLOPs"))
     s.append(("p", "Validation loss of each family at the same training FLOPs C*, per ladder size (each family's "
                    "own N in brackets), and each family's best size. The runs of a budget differ in C only by the "

@@ -18,6 +18,7 @@ class RunResult:
     tokens: np.ndarray  # training curve: cumulative tokens at each logged step
     flops: np.ndarray  # cumulative training FLOPs (our convention) at each logged step
     train_loss: np.ndarray  # minibatch loss at each logged step
+    steps: np.ndarray  # the logged steps
     eval_tokens: np.ndarray  # validation evaluations during and at the end of training
     eval_loss: np.ndarray
     per_position_loss: np.ndarray  # final validation loss at each position of the window
@@ -96,7 +97,7 @@ def load_results(sweep_dir) -> tuple[list[RunResult], dict]:
     if not (sweep_dir / "runs").is_dir() and (sweep_dir / "results.csv").exists():
         collected = read_collected(sweep_dir)
         empty = np.array([], dtype=float)
-        results = [RunResult(row=row, tokens=empty, flops=empty, train_loss=empty,
+        results = [RunResult(row=row, tokens=empty, flops=empty, train_loss=empty, steps=empty,
                              eval_tokens=np.array([row["D"]], dtype=float),
                              eval_loss=np.array([row["val_loss"]], dtype=float),
                              per_position_loss=np.array(collected["per_position"].get(row["run_id"], {}).get(
@@ -115,6 +116,7 @@ def load_results(sweep_dir) -> tuple[list[RunResult], dict]:
             tokens=np.array([r["tokens"] for r in train], dtype=float),
             flops=np.array([r["flops_model"] for r in train], dtype=float),
             train_loss=np.array([r["loss"] for r in train], dtype=float),
+            steps=np.array([r["step"] for r in train], dtype=int),
             eval_tokens=np.array([r["step"] * tokens_per_step for r in evals], dtype=float),
             eval_loss=np.array([r["loss"] for r in evals], dtype=float),
             per_position_loss=np.array(collected["per_position"][row["run_id"]]["per_position_loss"], dtype=float),
