@@ -208,15 +208,15 @@ def torch_train_step(module, optimizer, windows, lr: float, grad_clip: float) ->
 
 
 class Peer:
-    """A peer built from a Trainer: our initial parameters, our optimizer settings, our batches."""
+    """A peer of a run's program (lmu_jax/train/builder.py): our initial parameters, our optimizer settings."""
 
-    def __init__(self, trainer, state, compile_: bool = False):
+    def __init__(self, program, state, compile_: bool = False):
         import torch
 
-        self.module = torch_model(trainer.model_cfg)
-        decayed = load_flax_params(self.module, state["params"], trainer.model_cfg)
-        self.optimizer = torch_optimizer(self.module, decayed, trainer.cfg.optim)
-        self.schedule, self.grad_clip = trainer.schedule, trainer.cfg.optim.grad_clip
+        self.module = torch_model(program.model_cfg)
+        decayed = load_flax_params(self.module, state["params"], program.model_cfg)
+        self.optimizer = torch_optimizer(self.module, decayed, program.cfg.optim)
+        self.schedule, self.grad_clip = program.schedule, program.cfg.optim.grad_clip
         self.forward = torch.compile(self.module) if compile_ else self.module
         self.step_count = 0
 
@@ -229,27 +229,28 @@ class Peer:
         return float(torch_train_step(self.forward, self.optimizer, windows, lr, self.grad_clip))
 
 
-def compare(cfg, work_dir, devices, rounds: int, compile_: bool) -> dict:
+def compare(cfg, devices, rounds: int, compile_: bool) -> dict:
     """Our Trainer's jitted step against the PyTorch peer (eager, and compiled with `compile_`), from the
     same initial weights on the same batches, interleaved: each round runs one step of every side, so
     load that comes and goes falls on all alike; each side's time is its median over the rounds."""
     import jax
     import torch
 
-    from lmu_jax.train.loop import Trainer
+    from lmu_jax.train.loop import StepInputs, open_program
 
-    trainer = Trainer(cfg, work_dir, devices=devices)
-    state = trainer.init_state()
-    batches = [trainer.step_inputs(i) for i in range(4)]
+    program, cache = open_program(cfg, devices)
+    state = program.init_state()
+    inputs = StepInputs(program, cache)
+    batches = [inputs(i) for i in range(4)]
     host_batches = [np.asarray(jax.device_get(b[0])) for b in batches]
-    peers = {"torch_eager": Peer(trainer, state)}
+    peers = {"torch_eager": Peer(program, state)}
     if compile_:
-        peers["torch_compile"] = Peer(trainer, state, compile_=True)
-    compiled = trainer.train_step.lower(state, *batches[0]).compile()
+        peers["torch_compile"] = Peer(program, state, compile_=True)
+    compiled = program.train_step.lower(state, *batches[0]).compile()
     state, metrics = compiled(state, *batches[0])  # warm-up
     jax.block_until_ready(state)
-    point = {"params": trainer.counts["total"], "flops_per_token": trainer.flops_per_token,
-             "tokens_per_step": trainer.tokens_per_step, "microbatches": trainer.cfg.train.microbatches,
+    point = {"params": program.counts["total"], "flops_per_token": program.flops_per_token,
+             "tokens_per_step": program.tokens_per_step, "microbatches": program.cfg.train.microbatches,
              "torch_params": sum(t.numel() for t in peers["torch_eager"].module.parameters() if t.requires_grad),
              "torch_threads": torch.get_num_threads()}
     started = time.perf_counter()

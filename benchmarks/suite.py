@@ -10,9 +10,10 @@ Sections of the result (``benchmarks/results/<platform>.json`` and ``.md``):
    higher one is used, so a shared machine's load cannot flatter the MFU.
    Beside them, the models' own FFN matmul, (tokens x d) @ (d x 4d) at each width: the share of the
    ceiling that XLA's kernel reaches at those shapes bounds the MFU of a step made of such matmuls.
-2. ``train``: the real Trainer (lmu_jax/train/loop.py) builds each model, its shardings and its jitted,
-   donating train step on one device; we compile that very step (``.lower().compile()``) and time it on
-   batches from the Trainer's own input pipeline. MFU uses the analytic FLOPs of lmu_jax/flops.py.
+2. ``train``: the run's program (lmu_jax/train/builder.py, what the Trainer trains with) builds each
+   model, its shardings and its jitted, donating train step on one device; we compile that very step
+   (``.lower().compile()``) and time it on batches from the Trainer's own input pipeline. MFU uses the
+   analytic FLOPs of lmu_jax/flops.py.
    ``loop``: the whole ``Trainer.train()`` (input pipeline, delayed metrics, JSONL) for a few steps;
    its per-step wall times are the loop's own ``step_time`` records, compared with the bare step.
 3. ``scaling``: step time and peak memory (XLA's ``compiled.memory_analysis()``) at sequence lengths
@@ -198,30 +199,32 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: float,
+def time_train_step(cfg, devices, *, min_steps: int, budget_s: float,
                     max_memory: int | None = None, trace_dir: Path | None = None) -> dict:
     """Compile the Trainer's jitted train step for `cfg` on `devices` and time it (median seconds).
 
-    The batches come from the Trainer's own pipeline, made before timing (the bare step); the state is
-    donated step to step as in training. With `trace_dir`, two more steps run under jax.profiler and
-    the point gets ``op_breakdown`` (and ``trace_dir``, for further reading of the same trace).
+    The step is the run's program (lmu_jax/train/builder.py), the batches come from the Trainer's own
+    input pipeline, made before timing (the bare step); the state is donated step to step as in
+    training. With `trace_dir`, two more steps run under jax.profiler and the point gets
+    ``op_breakdown`` (and ``trace_dir``, for further reading of the same trace).
     """
-    from lmu_jax.train.loop import Trainer
+    from lmu_jax.train.loop import StepInputs, open_program
 
-    trainer = Trainer(cfg, work_dir / "run", devices=devices)
-    state = trainer.init_state()
-    batches = [trainer.step_inputs(i) for i in range(4)]
+    program, cache = open_program(cfg, devices)
+    state = program.init_state()
+    inputs = StepInputs(program, cache)
+    batches = [inputs(i) for i in range(4)]
     started = time.perf_counter()
-    compiled = trainer.train_step.lower(state, *batches[0]).compile()
+    compiled = program.train_step.lower(state, *batches[0]).compile()
     hlo_text = compiled.as_text()
     point = {"compile_s": time.perf_counter() - started, "peak_bytes": peak_bytes(compiled),
-             "tokens_per_step": trainer.tokens_per_step, "flops_per_token": trainer.flops_per_token,
-             "params": trainer.counts["total"], "params_non_embedding": trainer.counts["non_embedding"]}
+             "tokens_per_step": program.tokens_per_step, "flops_per_token": program.flops_per_token,
+             "params": program.counts["total"], "params_non_embedding": program.counts["non_embedding"]}
     # XLA's count includes remat's recomputation, where the MFU credits the model's analytic FLOPs only; a
     # program with a loop gets none: XLA counts a while body once, whatever its trip count (the LSTM's scan)
     executed = None if " while(" in hlo_text else xla_flops(compiled)
     point["xla_over_model_flops"] = None if executed is None else \
-        executed / (trainer.flops_per_token * trainer.tokens_per_step)
+        executed / (program.flops_per_token * program.tokens_per_step)
     if max_memory is not None and point["peak_bytes"] > max_memory:
         point["skipped"] = f"needs {point['peak_bytes'] / 2**30:.1f} GiB > {max_memory / 2**30:.1f} GiB allowed"
         return point
@@ -236,8 +239,8 @@ def time_train_step(cfg, work_dir: Path, devices, *, min_steps: int, budget_s: f
         spent += times[-1]
     point.update(step_s=statistics.median(times), min_step_s=min(times), steps_timed=len(times),
                  loss=float(metrics["loss"]))
-    point["tokens_per_s"] = trainer.tokens_per_step / point["step_s"]
-    point["model_flops_per_s"] = point["tokens_per_s"] * trainer.flops_per_token
+    point["tokens_per_s"] = program.tokens_per_step / point["step_s"]
+    point["model_flops_per_s"] = point["tokens_per_s"] * program.flops_per_token
     if trace_dir is not None:
         trace_steps(compiled, state, batches[0], trace_dir)
         point.update(op_breakdown(trace_dir, hlo_text), trace_dir=str(trace_dir))
@@ -248,12 +251,13 @@ def bare_step_intervals(trainer, steps: int) -> list[float]:
     """Seconds per step of the Trainer's jitted step alone, on prepared batches, timed like the loop
     times itself: one step's metrics reach the host while the next step is already dispatched, and a
     step's time is the interval between two such arrivals."""
-    state = trainer.init_state()
-    batches = [trainer.step_inputs(i) for i in range(4)]
-    state, pending = trainer.train_step(state, *batches[0])  # compile (shared with the loop), warm-up
+    program = trainer.program
+    state = program.init_state()
+    batches = [trainer.inputs(i) for i in range(4)]
+    state, pending = program.train_step(state, *batches[0])  # compile (shared with the loop), warm-up
     intervals, last = [], None
     for i in range(1, steps + 2):
-        state, metrics = trainer.train_step(state, *batches[i % len(batches)])
+        state, metrics = program.train_step(state, *batches[i % len(batches)])
         jax.device_get(pending)
         now = time.perf_counter()
         if last is not None:
@@ -292,7 +296,7 @@ def time_loop(cfg, work_dir: Path, devices) -> dict:
     train(Trainer(cfg, work_dir / "loop_run_2", devices=devices))
     (step_s, mean_s, count), bare_s = min(loop), min(bare)
     return {"step_s": step_s, "mean_step_s": mean_s, "steps_timed": count,
-            "tokens_per_s": first.tokens_per_step / step_s, "bare_step_s": bare_s,
+            "tokens_per_s": first.program.tokens_per_step / step_s, "bare_step_s": bare_s,
             "bare_runs_s": bare, "loop_runs_s": [median for median, _, _ in loop],
             "loop_over_bare": step_s / bare_s}
 
@@ -335,8 +339,7 @@ def run_peers(grid: dict, families, device, max_bytes: int, compile_: bool = Fal
                 model = model_section(family, d_model, grid["n_layers"][family], "float32", **extra)
                 cfg = run_config(model, grid["seq_len"], grid["batch_size"], str(Path(tmp) / "data_cache"),
                                  max_bytes, microbatches=TrainConfig().microbatches)
-                where = Path(tmp) / f"{family}_{d_model}"
-                point = _run_point(f"peers {family} d={d_model}", peers.compare, cfg, where, [device],
+                point = _run_point(f"peers {family} d={d_model}", peers.compare, cfg, [device],
                                    rounds=grid["rounds"], compile_=compile_)
                 points.append({"family": family, "d_model": d_model, "n_layers": model["n_layers"],
                                "n_heads": model.get("n_heads"), "seq_len": grid["seq_len"],
@@ -497,7 +500,7 @@ def sharding_worker(spec: dict) -> dict:
     model = model_section(spec["family"], spec["d_model"], spec["n_layers"], compute_dtype())
     cfg = run_config(model, spec["seq_len"], spec["batch_size"], spec["cache_dir"], spec["max_bytes"])
     devices = jax.devices()
-    point = time_train_step(cfg, work_dir, devices, min_steps=spec["min_steps"], budget_s=spec["budget_s"],
+    point = time_train_step(cfg, devices, min_steps=spec["min_steps"], budget_s=spec["budget_s"],
                             trace_dir=work_dir / "trace" if len(devices) > 1 else None)
     point["devices"] = len(devices)
     if len(devices) > 1:
@@ -571,7 +574,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile
                             profiled = microbatches == 1 and \
                                 {"d_model": d_model, "seq_len": seq_len, "tokens": tokens} == grid["profile"]
                             point = _run_point(f"{family} d={d_model} n={seq_len} tokens={tokens} "
-                                               f"microbatches={microbatches}", time_train_step, cfg, where, [device],
+                                               f"microbatches={microbatches}", time_train_step, cfg, [device],
                                                trace_dir=where / "trace" if profiled else None, **timing)
                             point.pop("trace_dir", None)  # a temporary directory
                             train.append({"family": family, "d_model": d_model, "n_layers": grid["n_layers"],
@@ -585,7 +588,7 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile
                              microbatches=microbatches, memory_impl=impl, remat=False)
                 point = _run_point(f"lmu d={at['d_model']} n={at['seq_len']} tokens={at['tokens']} "
                                    f"microbatches={microbatches} impl={impl} remat=off",
-                                   time_train_step, cfg, point_dir("impl", impl), [device], **timing)
+                                   time_train_step, cfg, [device], **timing)
                 train.append({"family": "lmu", "d_model": at["d_model"], "n_layers": grid["n_layers"],
                               "seq_len": at["seq_len"], "microbatches": microbatches, "memory_impl": impl,
                               "remat": False, **point})
@@ -611,8 +614,8 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile
             for n in grid["scaling_lens"]:
                 model = grid["scaling_model"]
                 cfg = config(family, model["d_model"], n, grid["scaling_tokens"], model["n_layers"])
-                point = _run_point(f"{family} n={n}", time_train_step, cfg, point_dir("scaling", family, n),
-                                   [device], max_memory=max_memory, **timing)
+                point = _run_point(f"{family} n={n}", time_train_step, cfg, [device],
+                                   max_memory=max_memory, **timing)
                 points.append({"n": n, "batch_size": grid["scaling_tokens"] // n, **point})
             scaling[family] = {"points": points, "slopes": scaling_slopes(points, grid["fit_from"])}
         if "scaling" in sections:

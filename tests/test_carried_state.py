@@ -103,13 +103,13 @@ def test_memory_evaluation_equals_one_long_pass(tmp_path, kjv_cache):
     raw["model"] = {"family": "transformer_xl", "d_model": 16, "n_layers": 2, "n_head": 2, "dropout": 0.0,
                     "eval_mem_len": per_stream}
     trainer = Trainer(config_from_dict(raw), tmp_path / "run")
-    params = trainer.init_state()["params"]
+    params = trainer.program.init_state()["params"]
     result = trainer.evaluator.split(params)
     assert result["protocol"] == "memory" and result["targets"] == streams * per_stream
     assert (result["memory_length"], result["clamp_len"], result["same_length"]) == (per_stream, 0, False)
     tokens = np.asarray(trainer.cache.tokens("validation")[:streams * per_stream + 1])
     rows = np.stack([tokens[b * per_stream:(b + 1) * per_stream + 1] for b in range(streams)])
-    one_pass = token_losses(trainer.model.apply, jax.device_get(params), jnp.asarray(rows), train=False)
+    one_pass = token_losses(trainer.program.model.apply, jax.device_get(params), jnp.asarray(rows), train=False)
     assert result["loss"] == pytest.approx(float(np.mean(np.asarray(one_pass, np.float64))), rel=2e-6)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] / math.log(2), rel=1e-9)  # bytes = tokens
     words = word_count(bytes(tokens[1:].astype(np.uint8)))  # KJV bytes, no document separator this early
@@ -126,7 +126,7 @@ def phase1(tmp_path_factory, kjv_cache, compile_cache):
                     "skip_prob_scale": 1.0, "ch_prob": 0.5}
     with persistent_compile_cache(compile_cache):  # the trainers of the tests below compile from it
         trainer = Trainer(config_from_dict(raw), tmp_path_factory.mktemp("phase1") / "run")
-        assert trainer.carried and set(trainer.abstract_state["carry"]) == {"mems", "valid", "age"}
+        assert trainer.program.carried and set(trainer.program.abstract_state["carry"]) == {"mems", "valid", "age"}
         trainer.train()
         yield raw, trainer
 
@@ -140,7 +140,7 @@ def test_carried_state_resumes_bitwise(phase1, tmp_path, monkeypatch):
     monkeypatch.undo()
     resumed = Trainer(config_from_dict(raw), tmp_path / "run")
     ckpt = Checkpointer(resumed.run.checkpoints.absolute(), resumed.cfg.checkpoint)
-    state, meta = ckpt.restore_latest(resumed.abstract_state)
+    state, meta = ckpt.restore_latest(resumed.program.abstract_state)
     ckpt.close()
     assert meta["step"] == 3 and np.asarray(state["carry"]["valid"]).max() > 0  # step 3's memory, not a fresh one
     assert resumed.train()["status"] == "done"

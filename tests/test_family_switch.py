@@ -7,7 +7,6 @@ import pytest
 from lmu_jax.cli import main
 from lmu_jax.config import load_config
 from lmu_jax.models import FAMILIES, build_model
-from lmu_jax.train.commands import _default_vocab
 
 from helpers import REPO, write_config
 
@@ -25,8 +24,7 @@ def test_default_config_switches_to_every_family(family, capsys):
     else:
         assert len(notice.splitlines()) == 1 and notice.startswith("notice: ") and "default.yaml" in notice
         assert "model.max_len" in notice  # a transformer-only key, dropped
-    model_cfg = cfg.model.resolved(_default_vocab(cfg), cfg.data.seq_len)
-    model_cfg.validate()
+    model_cfg = cfg.resolved_model()  # validated by load_config
     params = jax.eval_shape(lambda: build_model(model_cfg).init(jax.random.PRNGKey(0),
                                                                 jnp.zeros((1, cfg.data.seq_len), jnp.int32)))
     assert jax.tree.leaves(params)

@@ -9,6 +9,7 @@ import pytest
 from lmu_jax.cli import main
 from lmu_jax.config import config_from_dict
 from lmu_jax.train import memory_check
+from lmu_jax.train.builder import Program
 from lmu_jax.train.loop import Trainer
 
 from helpers import FAMILY_TINY, tiny_config, write_config
@@ -24,20 +25,21 @@ def test_state_need_is_xla_per_device_state(family, mesh, tmp_path, kjv_cache, c
     raw = tiny_config(kjv_cache, mesh=mesh)
     raw["model"] = dict(FAMILY_TINY[family], family=family)
     trainer = Trainer(config_from_dict(raw), tmp_path / "run")
-    inputs = trainer.step_input_shapes()
+    program = trainer.program
+    inputs = program.step_input_shapes()
     with jax.log_compiles(True), caplog.at_level(logging.WARNING):
-        compiled = trainer.train_step.lower(trainer.abstract_state, *inputs).compile()
+        compiled = program.lower_train_step().compile()
         trainer.check_memory()
-        trainer.train_step(trainer.init_state(), *trainer.step_inputs(0))
+        program.train_step(program.init_state(), *trainer.inputs(0))
     assert sum("Compiling jit(train_step)" in r.getMessage() for r in caplog.records) == 1
     analysis = compiled.memory_analysis()
-    need = memory_check.step_need(trainer.abstract_state, compiled)
+    need = memory_check.step_need(program.abstract_state, compiled)
     assert need.state == analysis.alias_size_in_bytes
     assert need.state + sum(memory_check.state_need(x).state for x in inputs) == analysis.argument_size_in_bytes
     assert need.temporaries == analysis.temp_size_in_bytes and need.state < need.step
 
     replicated = dict(raw, mesh={"data": 8})
-    whole = memory_check.state_need(Trainer(config_from_dict(replicated), tmp_path / "r").abstract_state).state
+    whole = memory_check.state_need(Trainer(config_from_dict(replicated), tmp_path / "r").program.abstract_state).state
     divided = need.state * mesh.get("fsdp", 1) * mesh.get("tensor", 1)
     # sharding divides it: k devices hold the whole state once, plus k copies of the few replicated
     # vectors (at most mesh.sharding_tolerance = 2 % of the parameter bytes)
@@ -51,7 +53,7 @@ def test_oversized_model_is_refused_before_compiling(shape, tmp_path, capsys, kj
         raise AssertionError("the check should have refused the run before this")
 
     monkeypatch.setattr(Trainer, "fresh_state", must_not_run)
-    monkeypatch.setattr(Trainer, "step_input_shapes", must_not_run)  # i.e. before the step compiles
+    monkeypatch.setattr(Program, "lower_train_step", must_not_run)  # i.e. before the step compiles
     config = write_config(tmp_path / "c.yaml", tiny_config(kjv_cache))
     code = main(["train", "--config", str(config), "--run-dir", str(tmp_path / "run"), *shape])
     err = capsys.readouterr().err.strip()

@@ -64,12 +64,12 @@ def test_shardings_follow_rules_and_match_one_device(tmp_path, kjv_cache):
     for mesh, (mlp_spec, embed_spec) in SPECS.items():
         cfg = make_cfg(kjv_cache, mesh=dict(zip(("data", "fsdp", "tensor"), mesh)), **base)
         trainer = Trainer(cfg, tmp_path / f"mesh{mesh}")
-        params = trainer.state_shardings["params"]
+        params = trainer.program.state_shardings["params"]
         assert tuple(params["block_0"]["mlp"]["up"]["Dense_0"]["kernel"].spec) == mlp_spec
         assert tuple(params["embed"]["embedding"].spec) == embed_spec
-        assert tuple(trainer.batch_sharding.spec) == (("data", "fsdp"), None)
+        assert tuple(trainer.program.batch_sharding.spec) == (("data", "fsdp"), None)
         # Adam moments are sharded like their parameters, not replicated
-        adam = trainer.state_shardings["opt_state"][1][0]
+        adam = trainer.program.state_shardings["opt_state"][1][0]
         assert adam.mu["block_0"]["mlp"]["up"]["Dense_0"]["kernel"].spec == params["block_0"]["mlp"]["up"]["Dense_0"]["kernel"].spec
         trainer.train()
         losses = [loss for _, loss in train_losses(tmp_path / f"mesh{mesh}")]
@@ -83,7 +83,7 @@ def test_checkpoint_from_one_mesh_restores_on_another(tmp_path, kjv_cache):
     first.train()
     second = Trainer(make_cfg(kjv_cache, mesh={"data": 8, "fsdp": 1}, train={"steps": 4}), tmp_path / "run")
     ckpt = Checkpointer(second.run.checkpoints.absolute(), second.cfg.checkpoint)
-    state, meta = ckpt.restore_latest(second.abstract_state)
+    state, meta = ckpt.restore_latest(second.program.abstract_state)
     ckpt.close()
     assert meta["step"] == 4 and int(state["step"]) == 4
     for a, b in zip(jax.tree.leaves(first.final_state), jax.tree.leaves(state)):
@@ -105,7 +105,7 @@ def test_same_seed_gives_bitwise_identical_losses(tmp_path, kjv_cache):
 def _final_params(run_dir, cfg):
     trainer = Trainer(cfg, run_dir)
     ckpt = Checkpointer(trainer.run.checkpoints.absolute(), cfg.checkpoint)
-    state, _ = ckpt.restore_latest(trainer.abstract_state)
+    state, _ = ckpt.restore_latest(trainer.program.abstract_state)
     ckpt.close()
     return [np.asarray(x) for x in jax.tree.leaves(state)]
 

@@ -79,7 +79,7 @@ def test_bf16_compute_keeps_float32_parameters_and_loss(tmp_path, kjv_cache):
     losses = [loss for _, loss in train_losses(tmp_path / "bf16")]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert math.isfinite(result["loss"])
-    logits = trainer.model.apply({"params": trainer.final_state["params"]}, jnp.zeros((1, 8), jnp.int32))
+    logits = trainer.program.model.apply({"params": trainer.final_state["params"]}, jnp.zeros((1, 8), jnp.int32))
     assert logits.dtype == jnp.float32  # the softmax and the loss never run in bf16
 
 

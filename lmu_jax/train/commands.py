@@ -82,16 +82,20 @@ def cmd_eval(args) -> int:
     cfg = config_from_dict(merge_overrides(read_yaml(config_path), args.overrides))
     distributed.initialize(cfg.distributed)
     from lmu_jax.train.checkpoint import Checkpointer
-    from lmu_jax.train.loop import Trainer
+    from lmu_jax.train.evaluate import Evaluator
+    from lmu_jax.train.loop import open_program
+    from lmu_jax.train.rundir import RunDir
 
-    trainer = Trainer(cfg, args.run_dir)
-    ckpt = Checkpointer(trainer.run.checkpoints, cfg.checkpoint)
-    state, _ = ckpt.restore_latest(trainer.abstract_state)
+    run = RunDir(args.run_dir)
+    program, cache = open_program(cfg, run=run)  # the run's program: its checkpoints restore onto it
+    evaluator = Evaluator(program, cache)
+    ckpt = Checkpointer(run.checkpoints, cfg.checkpoint)
+    state, _ = ckpt.restore_latest(program.abstract_state)
     ckpt.close()
     if state is None:
         raise UserError(f"run_dir={args.run_dir!r} is invalid: it has no usable checkpoint")
-    result = trainer.evaluate(state["params"], whole_split=True)
-    result["step"] = int(state["step"])
+    result = evaluator.windows(state["params"])
+    result.update(split_eval=evaluator.split(state["params"]), step=int(state["step"]))
     if distributed.is_main_process():
         summary = {k: v for k, v in result.items() if k != "per_position_loss"}
         print(json.dumps(summary, indent=1))
@@ -102,7 +106,7 @@ def flops_table(cfg) -> list[tuple[str, str]]:
     from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
     from lmu_jax.models import carries_state, data_order
 
-    model_cfg = cfg.model.resolved(cfg.model.vocab_size or _default_vocab(cfg), cfg.data.seq_len)
+    model_cfg = cfg.resolved_model()
     counts = param_counts(model_cfg, cfg.data.seq_len)
     carried = carries_state(model_cfg, cfg.data.order)
     train_flops = model_flops_per_token(model_cfg, cfg.data.seq_len, carried=carried)
@@ -120,13 +124,6 @@ def flops_table(cfg) -> list[tuple[str, str]]:
         ("tokens (steps x batch x seq_len)", f"{tokens:,}"),
         ("training FLOPs (run)", f"{tokens * train_flops:.4g}"),
     ]
-
-
-def _default_vocab(cfg) -> int:
-    """Vocabulary without reading the corpus: bytes, or the SentencePiece size asked for."""
-    from lmu_jax.data.tokenizers import BYTE_VOCAB_SIZE
-
-    return BYTE_VOCAB_SIZE if cfg.data.tokenizer == "byte" else cfg.data.sp_vocab_size
 
 
 def cmd_flops(args) -> int:

@@ -3,8 +3,8 @@
     lmu-jax compile --config c.yaml --topology v5e-256     # a TPU slice (needs libtpu: the tpu extra)
     lmu-jax compile --config c.yaml --topology cpu-8       # 8 fake CPU devices, compiled for real here
 
-The trainer's own train step (its jit, shardings and donated state; ``Trainer._setup_state``) is
-lowered for the topology's devices with abstract inputs and compiled by XLA, without running it and
+The trainer's own train step (its jit, shardings and donated state: the run's ``Program``,
+lmu_jax/train/builder.py) is lowered for the topology's devices with abstract inputs and compiled by XLA, without running it and
 without the hardware. ``memory_analysis()`` of the compiled program gives per-device bytes: arguments
 (state + batch), outputs (the new state, aliased to the donated arguments), temporaries and generated
 code; their peak is compared with the device's HBM, and a program that does not fit is refused (exit 2,
@@ -19,7 +19,7 @@ attention) are the TPU's, not this host's. Where the installed JAX cannot descri
 the topology (no libtpu here), the command says so in one line, exit code 2, and names the nearest it
 can compile for: ``cpu-N``, as many fake CPU devices, which XLA's CPU compiler really compiles (the
 memory figures are then the CPU compiler's: the shapes and shardings are the pod's, the fusion and
-layouts are not). The vocabulary is the tokenizer's configured size (bytes: 256); no data is read.
+layouts are not). The vocabulary is the tokenizer's configured size (bytes: 258); no data is read.
 """
 
 from __future__ import annotations
@@ -125,42 +125,12 @@ def topology_devices(name: str):
 
 
 def lower_train_step(cfg, devices):
-    """(the lowered train step of ``cfg`` on a mesh of ``devices``, abstract inputs only; the trainer)."""
-    import jax
-    import jax.numpy as jnp
+    """(the train step of ``cfg`` on a mesh of ``devices`` lowered for abstract inputs, its program)."""
+    from lmu_jax.sharding import make_mesh
+    from lmu_jax.train.builder import Program
 
-    from lmu_jax.config import resolve_auto
-    from lmu_jax.flops import model_flops_per_token
-    from lmu_jax.models import build_model, carries_state
-    from lmu_jax.ops.memory import compiling_for
-    from lmu_jax.sharding import data_parallel_size, make_mesh
-    from lmu_jax.train.commands import _default_vocab
-    from lmu_jax.train.loop import Trainer
-
-    class StepOnly(Trainer):
-        """The trainer's state, shardings and jitted step, without data or a run directory."""
-
-        def __init__(self):
-            self.mesh = make_mesh(cfg.mesh, devices)
-            # the `auto` settings as the trainer resolves them on the target's platform
-            self.cfg = resolve_auto(cfg, devices[0].platform, data_parallel_size(self.mesh))
-            self.seq_len = cfg.data.seq_len
-            self.model_cfg = self.cfg.model.resolved(_default_vocab(cfg), self.seq_len)
-            self.model_cfg.validate()
-            self.model = build_model(self.model_cfg)
-            self.carried = carries_state(self.model_cfg, cfg.data.order)
-            self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, carried=self.carried)
-            self._setup_state()
-
-    step = StepOnly()
-    dp = step.mesh.shape["data"] * step.mesh.shape["fsdp"]
-    if cfg.train.batch_size % dp:
-        raise bad_value("train.batch_size", cfg.train.batch_size, f"a multiple of the data-parallel size {dp}")
-    inputs = [jax.ShapeDtypeStruct((cfg.train.batch_size, step.seq_len + 1), jnp.int32, sharding=step.batch_sharding)]
-    if step.carried:  # the rows whose stream starts (Trainer.step_inputs)
-        inputs.append(jax.ShapeDtypeStruct((cfg.train.batch_size,), jnp.bool_, sharding=step.weight_sharding))
-    with compiling_for(devices[0].platform):  # kernels picked for the target, not for this host
-        return step.train_step.lower(step.abstract_state, *inputs), step
+    program = Program(cfg, make_mesh(cfg.mesh, devices))  # the `auto` settings resolved for the target
+    return program.lower_train_step(), program
 
 
 class DoesNotFit(UserError):
@@ -184,18 +154,18 @@ _XLA_OUT_OF_MEMORY = re.compile(r"Ran out of memory.*?required for ([\w ]+?) \((
 
 
 def compile_train_step(cfg, devices):
-    """(the compiled train step of ``cfg`` on a mesh of ``devices``, the trainer that holds it);
-    DoesNotFit where XLA refuses it for want of device memory."""
-    lowered, step = lower_train_step(cfg, devices)
+    """(the compiled train step of ``cfg`` on a mesh of ``devices``, its program); DoesNotFit where XLA
+    refuses it for want of device memory."""
+    lowered, program = lower_train_step(cfg, devices)
     try:
-        return lowered.compile(), step
+        return lowered.compile(), program
     except Exception as err:  # jax.errors.JaxRuntimeError; only an out-of-memory refusal is the user's
         found = _XLA_OUT_OF_MEMORY.search(str(err))
         if not found:
             raise
         need, need_unit, have, have_unit = found.group(2, 3, 4, 5)
         scale = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-        raise DoesNotFit(step.cfg, float(need) * scale[need_unit], float(have) * scale[have_unit],
+        raise DoesNotFit(program.cfg, float(need) * scale[need_unit], float(have) * scale[have_unit],
                          devices[0].device_kind, f" (XLA's count of its {found.group(1)} alone)") from None
 
 
@@ -261,15 +231,15 @@ def cmd_compile(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     devices, label, generation = topology_devices(args.topology)
-    compiled, step = compile_train_step(cfg, devices)
-    print(f"compiled the train step of {cfg.model.family} for {label}, mesh {dict(step.mesh.shape)}; per device:")
+    compiled, program = compile_train_step(cfg, devices)
+    print(f"compiled the train step of {cfg.model.family} for {label}, mesh {dict(program.mesh.shape)}; per device:")
     rows = memory_rows(compiled, generation)
     if generation is not None:
-        model_flops = cfg.train.batch_size * step.seq_len * step.flops_per_token
+        model_flops = program.tokens_per_step * program.flops_per_token
         rows += roofline_rows(roofline(compiled, devices, generation, model_flops), devices[0].device_kind)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")
     if generation is not None:
-        check_fits(step.cfg, compiled, generation, devices[0].device_kind)  # the `auto` settings resolved
+        check_fits(program.cfg, compiled, generation, devices[0].device_kind)  # the `auto` settings resolved
     return 0

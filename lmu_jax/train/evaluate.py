@@ -25,7 +25,6 @@ one jitted step, so a stateless run compiles it once.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import jax
 import numpy as np
@@ -33,22 +32,19 @@ import numpy as np
 from lmu_jax.data.pipeline import (process_rows, sliding_window_batches, stream_eval_batches, to_global_array,
                                    validation_windows, word_count)
 from lmu_jax.errors import bad_value
-from lmu_jax.sharding import batch_sharding, data_parallel_size
-from lmu_jax.train.step import eval_step
+from lmu_jax.train.builder import check_batch
 
 
 class Evaluator:
-    def __init__(self, cfg, model, model_cfg, initial_state, mesh, params_sharding, cache):
-        """``initial_state``: the family's (``Family.initial_state``) when the run carries state, else None."""
-        self.cfg, self.model_cfg, self.cache = cfg, model_cfg, cache
+    def __init__(self, program, cache):
+        """``program``: the run's (lmu_jax/train/builder.py), whose jitted eval step this runs."""
+        cfg = program.cfg
+        self.cfg, self.model_cfg, self.cache = cfg, program.model_cfg, cache
         ev, seq_len = cfg.eval, cfg.data.seq_len
-        self.memory = initial_state is not None
-        self.rows = batch_sharding(mesh)
+        self.memory = program.carried
+        self.rows = program.batch_sharding
         self.split_batch = (ev.streams or cfg.train.batch_size) if self.memory else cfg.train.batch_size
-        dp = data_parallel_size(mesh)
-        if self.split_batch % dp or self.split_batch % jax.process_count():
-            raise bad_value("eval.streams", self.split_batch, f"a multiple of the data-parallel size {dp} and of "
-                            f"the process count {jax.process_count()}")
+        check_batch(program.mesh, self.split_batch, "eval.streams")
         self.length = (ev.seg_len or seq_len) if self.memory else seq_len
         self.stride = ev.stride or max(1, seq_len // 2)
         tokens = cache.tokens(ev.split)
@@ -56,17 +52,10 @@ class Evaluator:
         if len(self.split_tokens) < self.length + 1:
             raise bad_value("eval.max_tokens" if ev.max_tokens else "eval.split", ev.max_tokens or ev.split,
                             f"a split or a cap of at least {self.length} targets (one window of the evaluation)")
-        def jitted(carry_sharding=None):
-            return jax.jit(partial(eval_step, apply_fn=model.apply), donate_argnums=3,
-                           in_shardings=(params_sharding, self.rows, self.rows, carry_sharding),
-                           out_shardings=(None, None, carry_sharding))
-
-        self.steps = {False: jitted()}  # carried state or not -> the jitted eval step
+        self.steps = {False: program.eval_step()}  # carried state or not -> the jitted eval step
         if self.memory:
-            fresh = partial(initial_state, model_cfg, self.split_batch, evaluation=True)
-            carry_sharding = jax.tree.map(lambda x: batch_sharding(mesh, ndim=x.ndim), jax.eval_shape(fresh))
-            self.fresh_state = jax.jit(fresh, out_shardings=carry_sharding)
-            self.steps[True] = jitted(carry_sharding)
+            self.fresh_state, carry_sharding = program.eval_carry(self.split_batch)
+            self.steps[True] = program.eval_step(carry_sharding)
 
     def _scored(self, params, batches, batch: int, carry=None) -> tuple[np.ndarray, np.ndarray]:
         """Loss summed at each position over the scored rows of all batches, and the counts there."""

@@ -1,7 +1,8 @@
 """The Trainer: one training loop for every family, through the model interface only.
 
-config -> mesh -> data cache -> model + shardings -> resume or init -> jitted sharded steps ->
-delayed metrics -> checkpoints -> eval -> DONE. See docs/architecture.md, "The data flow of a run".
+config -> program (mesh, model, shardings, jitted steps: lmu_jax/train/builder.py) -> data cache ->
+resume or init -> steps -> delayed metrics -> checkpoints -> eval -> DONE. See docs/architecture.md,
+"The data flow of a run".
 
 Carried state (Transformer-XL memory, QRNN cells): a family declares it (``Family.initial_state``); a run
 on ``data.order=streams`` then keeps it in the train state as ``"carry"`` (sharded like the batch,
@@ -18,38 +19,29 @@ import os
 import signal
 import sys
 import time
-from functools import partial
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import multihost_utils
 
 from etils import epath
 
 from lmu_jax import distributed, storage
-from lmu_jax.config import RunConfig, config_from_dict, read_yaml, resolve_auto, run_id
+from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.data.pipeline import StreamBatcher, WindowBatcher, prepare, to_global_array
 from lmu_jax.errors import UserError, bad_value
-from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
+from lmu_jax.flops import kaplan_flops_per_token
 from lmu_jax.metrics import MetricsWriter, peak_flops_total
-from lmu_jax.models import build_model, carries_state, data_order, get_family
-from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, make_mesh,
-                              param_shardings, replicated)
+from lmu_jax.models import data_order
+from lmu_jax.sharding import make_mesh
 from lmu_jax.train import memory_check
-from lmu_jax.train.checkpoint import Checkpointer, abstract_like
+from lmu_jax.train.builder import Program, StateLayout
+from lmu_jax.train.checkpoint import Checkpointer
 from lmu_jax.train.evaluate import Evaluator
-from lmu_jax.train.optim import cooldown_start, make_optimizer, make_schedule
+from lmu_jax.train.optim import cooldown_start
 from lmu_jax.train.rundir import RunDir
-from lmu_jax.train.step import train_step
 
 log = logging.getLogger("lmu_jax")
-
-# Test hook, never part of a config: "<step>[:grad][:inf]" makes the loss and gradients of that step
-# (1-based, as logged) NaN, or with ":grad" only its gradients, or with ":inf" Inf instead of NaN.
-NONFINITE_ENV = "LMU_JAX_TEST_NONFINITE_STEP"
 
 
 class NonFiniteLoss(Exception):
@@ -64,94 +56,57 @@ def open_data(cfg: RunConfig):
     return distributed.agreed(lambda: cache if cache is not None else prepare(cfg.data), what)
 
 
+class StepInputs:
+    """``inputs(step)``: the train step's arguments after the state, as global arrays (each process
+    builds its own rows): the batch of ``program.step_input_shapes()``, and with a carried state the
+    rows whose stream starts at this step. A pure function of the step, from the run's batcher."""
+
+    def __init__(self, program: Program, cache):
+        cfg = program.cfg
+        self.program = program
+        if data_order(program.model_cfg, cfg.data.order) == "streams":
+            self.batcher = StreamBatcher(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size)
+        else:
+            self.batcher = WindowBatcher(cache.tokens("train"), cfg.data.seq_len, cfg.train.batch_size,
+                                         cfg.train.seed)
+
+    def __call__(self, step: int) -> tuple:
+        where, program = (step, jax.process_index(), jax.process_count()), self.program
+        batch = to_global_array(self.batcher.local_batch(*where), program.batch_sharding)
+        if not program.carried:
+            return (batch,)
+        return batch, to_global_array(self.batcher.local_starts(*where), program.weight_sharding)
+
+
+def open_program(cfg: RunConfig, devices=None, run: RunDir | None = None) -> tuple[Program, object]:
+    """(the program of ``cfg`` on a mesh of ``devices``, the data cache it reads), agreed on by every
+    process: mesh, config (as given) and data. With ``run``, the ``auto`` settings that run already
+    chose are kept. The tokenizer's vocabulary must fit the model's."""
+    program = Program(run.with_earlier_choices(cfg) if run else cfg, make_mesh(cfg.mesh, devices))
+    distributed.check_agreement({"mesh shape": dict(program.mesh.shape), "config (run id)": run_id(cfg)})
+    cache = open_data(program.cfg)
+    distributed.check_agreement({"data fingerprint": cache.fingerprint})
+    if program.model_cfg.vocab_size < cache.vocab_size:
+        raise bad_value("model.vocab_size", program.model_cfg.vocab_size,
+                        f"0 or at least the tokenizer's vocabulary {cache.vocab_size}")
+    return program, cache
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir, devices=None):
         self.run = RunDir(run_dir)
-        self.mesh = make_mesh(cfg.mesh, devices)
-        dp = data_parallel_size(self.mesh)
-        # the run id of the config as given (a sweep's planned id); then the `auto` settings made concrete:
-        # config.yaml and the checkpoints hold the values used
+        # the run id of the config as given (a sweep's planned id); the program then makes the `auto`
+        # settings concrete (those this run already chose kept): config.yaml and the checkpoints hold them
         self.run_id = run_id(cfg)
-        self.cfg = cfg = resolve_auto(self.run.with_earlier_choices(cfg), self.mesh.devices.flat[0].platform, dp)
-        if cfg.train.batch_size % dp:
-            raise bad_value("train.batch_size", cfg.train.batch_size,
-                            f"a multiple of the data-parallel size {dp} (mesh.data x mesh.fsdp)")
-        if (cfg.train.batch_size // cfg.train.microbatches) % dp:
-            raise bad_value("train.microbatches", cfg.train.microbatches,
-                            f"a value leaving microbatches of a multiple of {dp} sequences")
-        if cfg.train.batch_size % jax.process_count():
-            raise bad_value("train.batch_size", cfg.train.batch_size,
-                            f"a multiple of the process count {jax.process_count()}")
-        distributed.check_agreement({"mesh shape": dict(self.mesh.shape), "config (run id)": self.run_id})
-        self.cache = open_data(cfg)
-        distributed.check_agreement({"data fingerprint": self.cache.fingerprint})
-        self.seq_len = cfg.data.seq_len
-        self.model_cfg = cfg.model.resolved(self.cache.vocab_size, self.seq_len)
-        self.model_cfg.validate()
-        if self.model_cfg.vocab_size < self.cache.vocab_size:
-            raise bad_value("model.vocab_size", self.model_cfg.vocab_size,
-                            f"0 or at least the tokenizer's vocabulary {self.cache.vocab_size}")
-        self.model = build_model(self.model_cfg)
-        self.carried = carries_state(self.model_cfg, cfg.data.order)
-        self.counts = param_counts(self.model_cfg, self.seq_len)
-        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, carried=self.carried)
-        self.tokens_per_step = cfg.train.batch_size * self.seq_len
-        if data_order(self.model_cfg, cfg.data.order) == "streams":
-            self.batcher = StreamBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size)
-        else:
-            self.batcher = WindowBatcher(self.cache.tokens("train"), self.seq_len, cfg.train.batch_size,
-                                         cfg.train.seed)
-        self._setup_state()
-        initial_state = get_family(self.model_cfg.family).initial_state if self.carried else None
-        self.evaluator = Evaluator(cfg, self.model, self.model_cfg, initial_state, self.mesh,
-                                   self.state_shardings["params"], self.cache)
-
-    # -- state, shardings, jitted functions ---------------------------------------------------------
-
-    def _setup_state(self):
-        """Shardings, optimizer, and the jitted init and train step (what `lmu-jax compile` needs too)."""
-        cfg, mesh = self.cfg, self.mesh
-        layout = StateLayout(cfg, self.model_cfg, mesh)
-        p_shardings = layout.shardings["params"]
-        check_sufficiently_sharded(layout.abstract["params"], p_shardings, mesh, cfg.mesh.sharding_tolerance)
-        self.optimizer, self.state_shardings, self.abstract_state = layout.optimizer, layout.shardings, layout.abstract
-        self.schedule = make_schedule(cfg.optim, cfg.train.steps)
-        self.batch_sharding = batch_sharding(mesh)
-        self.weight_sharding = batch_sharding(mesh, ndim=1)
-
-        self.init_state = jax.jit(layout.init_state, out_shardings=self.state_shardings)
-        step = partial(_with_test_fault(train_step), apply_fn=self.model.apply, optimizer=self.optimizer,
-                       microbatches=cfg.train.microbatches, seed=cfg.train.seed,
-                       skip_nonfinite=cfg.train.nonfinite == "skip", schedule=self.schedule)
-        inputs = (self.batch_sharding, self.weight_sharding) if self.carried else (self.batch_sharding,)
-        self.train_step = jax.jit(step, in_shardings=(self.state_shardings, *inputs),
-                                  out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
-
-    def step_inputs(self, step: int) -> tuple:
-        """The train step's arguments after the state: the global batch, and with a carried state the
-        rows whose stream starts at this step."""
-        where = (step, jax.process_index(), jax.process_count())
-        batch = to_global_array(self.batcher.local_batch(*where), self.batch_sharding)
-        if not self.carried:
-            return (batch,)
-        return batch, to_global_array(self.batcher.local_starts(*where), self.weight_sharding)
-
-    def step_input_shapes(self) -> tuple:
-        """``step_inputs``' shapes and shardings: what the step compiles for before any data is placed."""
-        rows = self.cfg.train.batch_size
-        batch = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
-        if not self.carried:
-            return (batch,)
-        return batch, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=self.weight_sharding)
+        self.program, self.cache = open_program(cfg, devices, self.run)
+        self.cfg = self.program.cfg
+        self.inputs = StepInputs(self.program, self.cache)
+        self.evaluator = Evaluator(self.program, self.cache)
 
     def check_memory(self) -> None:
-        """Refuse a run that cannot fit on its devices (lmu_jax/train/memory_check.py) before anything is
-        allocated: the train state from its shapes first, then the compiled step (which the first step
-        then reuses). Process 0 decides for all."""
-        check = partial(memory_check.check_fits, cfg=self.cfg, model_cfg=self.model_cfg, mesh=self.mesh)
-        on_main_agreed(lambda: check(memory_check.state_need(self.abstract_state)), "the memory check")
-        compiled = self.train_step.lower(self.abstract_state, *self.step_input_shapes()).compile()
-        on_main_agreed(lambda: check(memory_check.step_need(self.abstract_state, compiled)), "the memory check")
+        """Refuse a run that cannot fit on its devices before anything is allocated
+        (lmu_jax/train/memory_check.py); process 0 decides for all."""
+        memory_check.check_run(self.program, lambda check: on_main_agreed(check, "the memory check"))
 
     def fresh_state(self):
         """The state at step 0: initialised, or with ``train.init_from``'s parameters (training by phases;
@@ -160,15 +115,14 @@ class Trainer:
             return self.branch_state()
         source = self.cfg.train.init_from
         if not source:
-            return self.init_state()
+            return self.program.init_state()
         run_dir, step = _checkpoint_source(source)
         source_cfg = config_from_dict(read_yaml(run_dir / "config.yaml"))
-        source_model = source_cfg.model.resolved(self.cache.vocab_size, source_cfg.data.seq_len)
-        layout = StateLayout(source_cfg, source_model, self.mesh)
+        layout = StateLayout(source_cfg, self.program.mesh)
         shapes = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)  # noqa: E731
-        if shapes(layout.abstract["params"]) != shapes(self.abstract_state["params"]):
+        if shapes(layout.abstract["params"]) != shapes(self.program.abstract_state["params"]):
             raise bad_value("train.init_from", source, "a run whose model has this run's parameter shapes")
-        state = self.init_state()
+        state = self.program.init_state()
         ckpt = Checkpointer(run_dir / "checkpoints", source_cfg.checkpoint, read_only=True)
         try:
             if step is None:
@@ -181,7 +135,7 @@ class Trainer:
             ckpt.close()
         if distributed.is_main_process():
             print(f"starting from the parameters of {run_dir} at step {meta['step']} (train.init_from)")
-        return dict(state, params=jax.device_put(restored["params"], self.state_shardings["params"]))
+        return dict(state, params=jax.device_put(restored["params"], self.program.state_shardings["params"]))
 
     def branch_state(self):
         """``train.branch_from``'s checkpoint as this run's state, optimizer state and step included: a
@@ -208,7 +162,7 @@ class Trainer:
                             f"steps) and the start of this run's and its parent's cooldown (step {last_stable})")
         ckpt = Checkpointer(run_dir / "checkpoints", parent.checkpoint, read_only=True)
         try:
-            state, meta = ckpt.restore(step, self.abstract_state)
+            state, meta = ckpt.restore(step, self.program.abstract_state)
         finally:
             ckpt.close()
         if meta.get("data_fingerprint") != self.cache.fingerprint:
@@ -266,14 +220,14 @@ class Trainer:
         self.step_reached = 0
         try:
             ckpt = Checkpointer(run.checkpoints, cfg.checkpoint)
-            state, meta = ckpt.restore_latest(self.abstract_state, set_aside_unusable=True)
+            state, meta = ckpt.restore_latest(self.program.abstract_state, set_aside_unusable=True)
             if state is not None and meta.get("data_fingerprint") != self.cache.fingerprint:
                 raise UserError(f"--run-dir {run.path} was trained on data {meta.get('data_fingerprint')}, "
                                 f"this run reads {self.cache.fingerprint}; use the same data or a new --run-dir")
             if state is None:
                 state = self.fresh_state()
             start = self.step_reached = int(jax.device_get(state["step"]))
-            state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.abstract_state))
+            state_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self.program.abstract_state))
             on_main_agreed(lambda: run.check_free_space(state_bytes, cfg.checkpoint.keep), "--run-dir")
             if main and start:
                 print(f"resuming {run.path} from step {start}")
@@ -300,7 +254,7 @@ class Trainer:
                 preemption.close()
 
     def _loop(self, state, start: int, ckpt: Checkpointer, writer: MetricsWriter, preemption, progress) -> dict:
-        cfg, run = self.cfg, self.run
+        cfg, run, program = self.cfg, self.run, self.program
         main = distributed.is_main_process()
         peak, peak_source = peak_flops_total()
         pending = None  # (step, metrics on device): fetched one step late so the host never stalls
@@ -321,14 +275,14 @@ class Trainer:
             if not finite and main:
                 log.warning("step %d: non-finite loss or gradient (loss %s, grad_norm %s); its update was skipped "
                             "(train.nonfinite=skip)", step_no, loss, float(metrics["grad_norm"]))
-            tokens = step_no * self.tokens_per_step
+            tokens = step_no * program.tokens_per_step
             record = {
                 "kind": "train", "step": step_no, "loss": loss, "lr": float(metrics["lr"]),
                 "grad_norm": float(metrics["grad_norm"]), "finite": finite, "tokens": tokens,
-                "flops_model": tokens * self.flops_per_token,
-                "flops_6n": tokens * kaplan_flops_per_token(self.counts["non_embedding"]),
-                "step_time": dt, "tokens_per_s": self.tokens_per_step / dt,
-                "mfu": self.tokens_per_step * self.flops_per_token / dt / peak,
+                "flops_model": tokens * program.flops_per_token,
+                "flops_6n": tokens * kaplan_flops_per_token(program.counts["non_embedding"]),
+                "step_time": dt, "tokens_per_s": program.tokens_per_step / dt,
+                "mfu": program.tokens_per_step * program.flops_per_token / dt / peak,
             }
             if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite:  # skips always
                 writer.write(record)
@@ -342,7 +296,7 @@ class Trainer:
             if cfg.train.profile_steps and step == start + 2 and main:
                 jax.profiler.start_trace(str(run.path / "profile"))
                 profiling = True
-            state, metrics = self.train_step(state, *self.step_inputs(step))
+            state, metrics = program.train_step(state, *self.inputs(step))
             step = self.step_reached = step + 1
             if pending is not None:
                 flush(pending)
@@ -376,9 +330,9 @@ class Trainer:
             flush(pending)
         ckpt.wait()  # DONE only once the final checkpoint is written and read back
         result = self.evaluate(state["params"], whole_split=True)
-        result.update(step=step, tokens=step * self.tokens_per_step, params=self.counts,
-                      flops_per_token=self.flops_per_token, flops_model=step * self.tokens_per_step
-                      * self.flops_per_token, family=self.model_cfg.family, run_id=self.run_id,
+        result.update(step=step, tokens=step * program.tokens_per_step, params=program.counts,
+                      flops_per_token=program.flops_per_token, flops_model=step * program.tokens_per_step
+                      * program.flops_per_token, family=program.model_cfg.family, run_id=self.run_id,
                       peak_flops=peak, peak_source=peak_source)
         # "final": a resume after this line (killed before DONE) evaluates again and replaces it
         writer.write({"kind": "eval", "step": step, "final": True, **_summary(result)})
@@ -436,69 +390,6 @@ def on_main_agreed(fn, what: str):
 
 def _last_good_text(ckpt: Checkpointer | None) -> str:
     return "the last good checkpoint is none" if ckpt is None else ckpt.last_good_text()
-
-
-def _with_test_fault(step_fn):
-    """``step_fn`` itself, or, under ``LMU_JAX_TEST_NONFINITE_STEP``, one whose chosen step blows up."""
-    spec = os.environ.get(NONFINITE_ENV, "")
-    if not spec:
-        return step_fn
-    parts = spec.split(":")
-    bad_step, value = int(parts[0]), jnp.inf if "inf" in parts else jnp.nan
-
-    @jax.custom_vjp
-    def poison_gradient(logits, poison):
-        return logits
-
-    poison_gradient.defvjp(lambda logits, poison: (logits, poison),
-                           lambda poison, g: (g + poison, jnp.zeros_like(poison)))
-
-    def poisoned(state, *batch, apply_fn, **kwargs):
-        poison = jnp.where(state["step"] + 1 == bad_step, value, 0.0).astype(jnp.float32)
-        poison_logits = (lambda x: poison_gradient(x, poison)) if "grad" in parts else (lambda x: x + poison)
-
-        def apply(*args, **kw):  # logits, or (logits, carried state)
-            out = apply_fn(*args, **kw)
-            return (poison_logits(out[0]), *out[1:]) if isinstance(out, tuple) else poison_logits(out)
-
-        return step_fn(state, *batch, apply_fn=apply, **kwargs)
-
-    return poisoned
-
-
-class StateLayout:
-    """A run's train state: shapes (``abstract``, with shardings), ``shardings``, ``optimizer``, and
-    ``init_state`` (to jit with ``out_shardings=shardings``). With a carried state (``carries_state``) the
-    state holds ``"carry"``: the family's ``initial_state`` for the global batch, rows sharded like it."""
-
-    def __init__(self, cfg: RunConfig, model_cfg, mesh):
-        model = build_model(model_cfg)
-        dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
-        p_shardings = param_shardings(boxed, mesh)
-        p_shapes = nn.meta.unbox(boxed)
-        self.optimizer = optimizer = make_optimizer(cfg.optim, cfg.train.steps)
-        opt_shapes = jax.eval_shape(optimizer.init, p_shapes)
-        o_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, p_shardings,
-                                            transform_non_params=lambda _: replicated(mesh))
-        self.shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings}
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
-        seed, batch = cfg.train.seed, cfg.train.batch_size
-        initial_carry = None
-        if carries_state(model_cfg, cfg.data.order):
-            initial_carry = partial(get_family(model_cfg.family).initial_state, model_cfg, batch)
-            shapes["carry"] = jax.eval_shape(initial_carry)
-            self.shardings["carry"] = jax.tree.map(lambda x: batch_sharding(mesh, ndim=x.ndim), shapes["carry"])
-        self.abstract = abstract_like(shapes, self.shardings)
-
-        def init_state():
-            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy))["params"]
-            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-            if initial_carry is not None:
-                state["carry"] = initial_carry()
-            return state
-
-        self.init_state = init_state
 
 
 def _checkpoint_source(source: str, field: str = "train.init_from") -> tuple[epath.Path, int | None]:

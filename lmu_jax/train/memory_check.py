@@ -13,8 +13,8 @@ Two figures per device, neither allocating anything:
 What a device has (``device_capacity``): an accelerator's ``memory_stats()["bytes_limit"]``; a CPU
 device, the host's available memory divided among this process's CPU devices, which share it.
 
-The trainer checks in ``Trainer.check_memory`` (lmu_jax/train/loop.py); a command with a compiled step
-and a capacity of its own (e.g. a chip's HBM) calls ``check_fits(step_need(...), ...)``.
+``check_run`` makes both checks for a run's program (lmu_jax/train/builder.py), compiling its train
+step through the program; the Trainer calls it before it allocates anything.
 """
 
 from __future__ import annotations
@@ -93,9 +93,19 @@ def device_capacity(device, shared: int = 1) -> Capacity | None:
     return None if limit is None else Capacity(limit, f"a {device.device_kind} has {gib(limit)}")
 
 
-def check_fits(need: Need, cfg, model_cfg, mesh, capacity: Capacity | None = None) -> None:
+def check_run(program, decide=lambda check: check()) -> None:
+    """Refuse ``program`` (a ``builder.Program``) when it cannot fit: its train state first (no compile),
+    then its compiled train step, the compile its first step reuses. ``decide(check)`` runs each check
+    (the Trainer's: on process 0 only, its refusal stopping every process)."""
+    decide(lambda: check_fits(state_need(program.abstract_state), program))
+    compiled = program.lower_train_step().compile()
+    decide(lambda: check_fits(step_need(program.abstract_state, compiled), program))
+
+
+def check_fits(need: Need, program, capacity: Capacity | None = None) -> None:
     """Raise a one-line UserError when ``need`` exceeds ``capacity`` (default: one of this process's
-    devices of ``mesh``): what it needs per device, what a device has, and what to change."""
+    devices of the program's mesh): what it needs per device, what a device has, and what to change."""
+    cfg, model_cfg, mesh = program.cfg, program.model_cfg, program.mesh
     if capacity is None:
         local = [d for d in mesh.devices.flat if d.process_index == jax.process_index()]
         capacity = device_capacity(local[0], shared=len(local)) if local else None

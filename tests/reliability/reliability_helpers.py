@@ -120,9 +120,9 @@ def state_leaves(run_dir, cfg, step: int | None = None, devices=None):
     ckpt = Checkpointer(trainer.run.checkpoints.absolute(), cfg.checkpoint)
     try:
         if step is None:
-            state, _ = ckpt.restore_latest(trainer.abstract_state)
+            state, _ = ckpt.restore_latest(trainer.program.abstract_state)
         else:
-            state, _ = ckpt._restore(step, trainer.abstract_state)
+            state, _ = ckpt._restore(step, trainer.program.abstract_state)
     finally:
         ckpt.close()
     return [np.asarray(x) for x in jax.tree.leaves(state)]

@@ -100,7 +100,7 @@ def test_random_bit_flips_never_restore_a_different_state(runs, tmp_path):
         data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(data))
         ckpt = Checkpointer(run, cfg.checkpoint)
-        state, meta = ckpt.restore_latest(trainer.abstract_state)
+        state, meta = ckpt.restore_latest(trainer.program.abstract_state)
         ckpt.close()
         if meta["step"] == 12:
             assert_same_leaves([np.asarray(x) for x in jax.tree.leaves(state)], saved)

@@ -11,7 +11,7 @@ import pytest
 from helpers import tiny_config, write_config
 from lmu_jax.cli import main
 from lmu_jax.config import config_from_dict
-from lmu_jax.train.loop import NONFINITE_ENV
+from lmu_jax.train.builder import NONFINITE_ENV
 from reliability_helpers import checkpoint_steps, state_leaves, train_records
 
 
