@@ -80,6 +80,10 @@ def test_token_budget_matches_tokens_not_flops(kjv_cache):
     ({"run_overrides": [{"match": {"size": 7_000}, "set": {}}]}, "a match for at least one run"),
     ({"base": {"optim": {"schedule": "constant"}}}, "schedule ends at the run's horizon"),
     ({"base": {"train": {"batch_size": 0}}}, "train.batch_size=0 is invalid"),
+    # base + family overrides are a run config: the run config's own one-line errors
+    ({"family_overrides": {"lstm": {"optim": {"schedule": "step"}}}},
+     "optim.schedule='step' is invalid: cosine, wsd or constant"),
+    ({"family_overrides": {"transformer": {"model": {"n_heads": 3}}}}, "model.n_heads=3 is invalid: a positive divisor"),
 ])
 def test_bad_specs_are_one_line_user_errors(kjv_cache, change, message):
     with pytest.raises(UserError) as err:

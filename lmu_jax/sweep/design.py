@@ -111,10 +111,10 @@ class _Sizeable:
 
     def __init__(self, families, base: dict):
         from lmu_jax.config import config_from_dict
-        from lmu_jax.sweep.spec import deep_merge, tokenizer_vocab_size
+        from lmu_jax.sweep.spec import deep_merge
 
         self.cfgs = {f: config_from_dict(deep_merge(base, {"model": {"family": f}})) for f in families}
-        self.vocab = tokenizer_vocab_size(base)
+        self.vocab = {f: cfg.resolved_model().vocab_size for f, cfg in self.cfgs.items()}
 
     def __call__(self, n: int) -> int:
         from lmu_jax.sweep.spec import solve_shape
@@ -123,7 +123,7 @@ class _Sizeable:
             candidate = int(float(f"{n * factor:.2g}"))
             try:
                 for family, cfg in self.cfgs.items():
-                    solve_shape(family, candidate, cfg.model, cfg.data.seq_len, self.vocab)
+                    solve_shape(family, candidate, cfg.model, cfg.data.seq_len, self.vocab[family])
             except UserError:
                 continue
             return candidate

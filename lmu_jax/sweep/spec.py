@@ -424,19 +424,6 @@ def load_spec(path) -> SweepSpec:
 # ---------------------------------------------------------------------------------------- expansion
 
 
-def tokenizer_vocab_size(raw_config: dict) -> int:
-    """The vocabulary a run will have, without reading the corpus (as `lmu-jax flops` does)."""
-    from lmu_jax.data.tokenizers import BYTE_VOCAB_SIZE
-
-    data = raw_config.get("data") or {}
-    model = raw_config.get("model") or {}
-    if model.get("vocab_size"):
-        return int(model["vocab_size"])
-    if data.get("tokenizer", "byte") == "byte":
-        return BYTE_VOCAB_SIZE
-    return int(data.get("sp_vocab_size", 4096))
-
-
 def _with_steps(raw: dict, steps: int, spec: SweepSpec | None = None) -> dict:
     """The run's horizon, and what the spec scales with it (warmup, evaluation spacing)."""
     train, optim = {"steps": steps}, {}
@@ -447,20 +434,11 @@ def _with_steps(raw: dict, steps: int, spec: SweepSpec | None = None) -> dict:
     return deep_merge(raw, {"train": train, "optim": optim})
 
 
-def _family_base(spec: SweepSpec, family: str) -> dict:
-    raw = deep_merge(RUN_DEFAULTS, spec.base, spec.family_overrides.get(family, {}), {"model": {"family": family}})
-    schedule = (raw.get("optim") or {}).get("schedule", "cosine")
-    if schedule not in HORIZON_SCHEDULES:
-        raise bad_value("base.optim.schedule", schedule,
-                        f"{' or '.join(HORIZON_SCHEDULES)}: a sweep's final losses are (N, D) points only "
-                        "when the schedule ends at the run's horizon")
-    return raw
-
-
 def plan_family(spec: SweepSpec, family: str, lr_rule=None) -> list[PlannedRun]:
     """The family's runs: the lr grid's (when the spec has one) and, unless the grid is still to run
     (``lr_rule`` None), the main ones: ladder x budgets x seeds, and their cooldown branches."""
-    family_raw = _family_base(spec, family)
+    family_raw = deep_merge(RUN_DEFAULTS, spec.base, spec.family_overrides.get(family, {}),
+                            {"model": {"family": family}})
     planner = _Planner(spec, family, family_raw)
     runs = []
     grid = spec.lr_grid
@@ -512,8 +490,13 @@ class _Planner:
 
     def __init__(self, spec: SweepSpec, family: str, family_raw: dict):
         self.spec, self.family, self.family_raw = spec, family, family_raw
-        self.base_cfg = config_from_dict(_with_steps(family_raw, 1))  # validates base + overrides early
-        self.vocab = tokenizer_vocab_size(family_raw)
+        # base + family overrides: a run config, loaded and validated as every run config is
+        self.base_cfg = config_from_dict(_with_steps(family_raw, 1))
+        if self.base_cfg.optim.schedule not in HORIZON_SCHEDULES:
+            raise bad_value("optim.schedule", self.base_cfg.optim.schedule,
+                            f"{' or '.join(HORIZON_SCHEDULES)}: a sweep's final losses are (N, D) points only "
+                            "when the schedule ends at the run's horizon")
+        self.vocab = self.base_cfg.resolved_model().vocab_size
         self.shapes: dict = {}
 
     def sized(self, size: int) -> dict:
@@ -524,7 +507,7 @@ class _Planner:
 
     def _probe(self, run_raw: dict):
         probe = config_from_dict(_with_steps(run_raw, 1))
-        model_cfg = probe.model.resolved(self.vocab, probe.data.seq_len)
+        model_cfg = probe.resolved_model()
         return probe, model_cfg, count_params(model_cfg, probe.data.seq_len)
 
     def n_params(self, run_raw: dict) -> int:
