@@ -16,7 +16,7 @@ from lmu_jax.config import config_from_dict, read_yaml, resolve_auto, run_id
 from lmu_jax.errors import UserError
 from lmu_jax.sweep.collect import COLUMNS
 from lmu_jax.sweep.runner import last_step
-from lmu_jax.sweep.spec import expand, parse_spec
+from lmu_jax.sweep.spec import expand, parse_spec, warmup_steps
 
 
 def spec_dict(cache_dir, **changes) -> dict:
@@ -54,11 +54,18 @@ def test_runs_at_a_budget_have_matched_flops(kjv_cache):
         assert r.tokens == cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len  # D
         assert abs(r.n_params / r.size - 1) <= 0.05  # sizing hit the ladder
         # the schedule's horizon is the run's own length; warmup and evaluations scale with it
-        assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == round(0.1 * cfg.train.steps)
+        assert cfg.optim.schedule == "cosine" and cfg.optim.warmup_steps == warmup_steps(0.1, cfg.train.steps, None)
         assert cfg.train.eval_every == max(1, cfg.train.steps // 2)
         assert r.run_id == run_id(cfg)
     # families see different token counts at equal FLOPs (their FLOPs per token differ)
     assert len({r.tokens for r in runs if r.budget == spec.budgets[0]}) > 1
+
+
+def test_warmup_is_a_fraction_of_the_run_but_at_least_adams_horizon_and_at_most_half():
+    """2 / (1 - b2) steps (40 at b2 = 0.95): shorter warmups made short runs spike
+    (experiments/results/cpu_scaling_kjv/loss_spikes.md)."""
+    assert [warmup_steps(0.1, steps, 0.95) for steps in (60, 136, 400, 850)] == [30, 40, 40, 85]
+    assert warmup_steps(0.1, 136, 0.99) == 68 and warmup_steps(0.0, 136, 0.95) == 0
 
 
 def test_token_budget_matches_tokens_not_flops(kjv_cache):

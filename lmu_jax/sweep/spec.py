@@ -10,7 +10,8 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
     budgets:
       flops: [3.0e12]                      # training FLOPs per run (model_flops_per_token convention)
       tokens: []                           # and/or token budgets (FLOPs then differ across runs)
-    warmup_fraction: 0.05                  # optional: optim.warmup_steps = this x the run's own steps
+    warmup_fraction: 0.05                  # optional: optim.warmup_steps = this x the run's own steps, at
+                                           # least 2 / (1 - optim.b2) (40 at b2 0.95) and at most half the run
     evals_per_run: 4                       # optional: train.eval_every = the run's steps / this
     base:                                  # any RunConfig sections; model shape keys come from sizing, and
       data: {corpus: kjv, seq_len: 128}    # base.model holds only keys every family has (dtype, ...)
@@ -66,10 +67,11 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
+from lmu_jax.config import OptimConfig, RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.errors import UserError, bad_value
 
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
@@ -424,11 +426,20 @@ def load_spec(path) -> SweepSpec:
 # ---------------------------------------------------------------------------------------- expansion
 
 
+def warmup_steps(fraction: float, steps: int, b2: float | None) -> int:
+    """``fraction`` of the run's steps, but at least 2 / (1 - b2) (Adam's rule for linear warmup: its
+    second moment averages over ~1 / (1 - b2) steps; Ma & Yarats 2021) and at most half the run. A short
+    run that reached its peak lr sooner spiked (experiments/results/cpu_scaling_kjv/loss_spikes.md)."""
+    b2 = OptimConfig.b2 if b2 is None else b2
+    floor = math.ceil(2.0 / (1.0 - b2)) if fraction > 0 and b2 < 1 else 0
+    return min(max(int(round(fraction * steps)), floor), max(int(round(fraction * steps)), steps // 2))
+
+
 def _with_steps(raw: dict, steps: int, spec: SweepSpec | None = None) -> dict:
     """The run's horizon, and what the spec scales with it (warmup, evaluation spacing)."""
     train, optim = {"steps": steps}, {}
     if spec is not None and spec.warmup_fraction is not None:
-        optim["warmup_steps"] = int(round(spec.warmup_fraction * steps))
+        optim["warmup_steps"] = warmup_steps(spec.warmup_fraction, steps, (raw.get("optim") or {}).get("b2"))
     if spec is not None and spec.evals_per_run:
         train["eval_every"] = max(1, steps // spec.evals_per_run)
     return deep_merge(raw, {"train": train, "optim": optim})
