@@ -23,6 +23,10 @@ import jax.numpy as jnp
 
 from lmu_jax import storage
 
+# A training loss this far (nats) above the lowest the run has logged is a spike, not a hard batch
+# (lmu_jax/report/stability.py says why); the trainer logs such a step whatever log.every says.
+SPIKE_NATS = 1.0
+
 REMOTE_SYNC_S = 30.0
 
 # bf16 dense peak FLOP/s per JAX device, keyed by a substring of device.device_kind (Levanter's table).

@@ -102,3 +102,23 @@ def test_report_says_when_no_run_spiked(tmp_path, capsys):
     assert "None of the 1 runs has one" in section and "|" not in section
     main(["report", str(tmp_path), "--bootstrap", "2"])
     assert "loss spikes" not in capsys.readouterr().out
+
+
+def test_the_trainer_logs_a_spike_whatever_log_every_says(tmp_path, kjv_cache):
+    """lr 0.3 without clipping or warmup: the tiny model's loss jumps from 5.1 to 6.8 nats at step 3 and
+    stays above 6.1 at step 4. With a metrics line only every 100 steps, those two steps (and the last)
+    are still logged, so the report's check sees a spike on a thinned curve."""
+    from helpers import cli_subprocess, tiny_config, write_config
+
+    cfg = tiny_config(kjv_cache, optim={"lr": 0.3, "warmup_steps": 0, "grad_clip": 0.0},
+                      checkpoint={"every": 0}, log={"every": 100, "tensorboard": False, "progress": False})
+    done = cli_subprocess(["train", "--config", str(write_config(tmp_path / "c.yaml", cfg)), "--run-dir",
+                           str(tmp_path / "run")], devices=1)
+    assert done.returncode == 0, done.stderr
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if r["kind"] == "train"]
+    assert {3, 4} <= set(steps) and steps[-1] == 12 and len(steps) <= 4, steps
+    train = [r for r in logged if r["kind"] == "train"]
+    (spike,) = loss_spikes(steps, [r["loss"] for r in train], lowest_before=[r.get("lowest_before", math.nan)
+                                                                            for r in train])
+    assert spike["step"] == 3 and spike["jump"] > 1.0

@@ -15,6 +15,7 @@ wsd run's checkpoint with its optimizer state and step to a shorter horizon (a c
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.data.pipeline import StreamBatcher, WindowBatcher, prepare, to_global_array
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import kaplan_flops_per_token
-from lmu_jax.metrics import MetricsWriter, peak_flops_total
+from lmu_jax.metrics import SPIKE_NATS, MetricsWriter, peak_flops_total
 from lmu_jax.models import data_order
 from lmu_jax.sharding import make_mesh
 from lmu_jax.train import memory_check
@@ -259,9 +260,10 @@ class Trainer:
         peak, peak_source = peak_flops_total()
         pending = None  # (step, metrics on device): fetched one step late so the host never stalls
         last_time = time.perf_counter()
+        lowest = math.inf  # the lowest training loss so far: a step far above it is logged (a spike)
 
         def flush(pending_item):
-            nonlocal last_time
+            nonlocal last_time, lowest
             step_no, metrics = pending_item
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
@@ -284,8 +286,11 @@ class Trainer:
                 "step_time": dt, "tokens_per_s": program.tokens_per_step / dt,
                 "mfu": program.tokens_per_step * program.flops_per_token / dt / peak,
             }
-            if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite:  # skips always
-                writer.write(record)
+            if loss > lowest + SPIKE_NATS:
+                record["lowest_before"] = lowest  # the report measures the jump from it (stability.py)
+            spike, lowest = "lowest_before" in record, min(lowest, loss)
+            if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite or spike:
+                writer.write(record)  # every skipped update and every spike, whatever log.every says
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
