@@ -128,6 +128,23 @@ def test_lr_rule_from_the_grid_sets_every_main_runs_lr(tmp_path, kjv_cache):
     assert rules["lstm"]["gamma"] == pytest.approx(0.6, abs=1e-6) and all(p["bracketed"] for p in rules["lstm"]["points"])
 
 
+def test_a_best_lr_at_the_grids_edge_plans_no_main_runs_and_says_what_to_add(tmp_path, kjv_cache):
+    raw = small(kjv_cache, families=["transformer"], sizes=[5_000, 20_000],
+                lr_grid={"lrs": [1e-3, 3e-3, 1e-2], "sizes": [5_000, 20_000], "budget": 2.0e9})
+    spec = parse_spec(raw)
+    sweep = SweepDir(tmp_path / "sweep")
+    for run in expand(spec):  # the loss keeps falling to the grid's largest lr at 20k
+        run_dir = sweep.run_dir(run.run_id)
+        run_dir.mkdir(parents=True)
+        best = 3e-3 if run.size == 5_000 else 0.1
+        (run_dir / "eval.json").write_text(json.dumps({"loss": 2.0 + 0.1 * math.log(run.lr / best) ** 2}))
+        (run_dir / "DONE").write_text("{}")
+    with pytest.raises(UserError, match=r"lr_grid.lrs=\[0.001, 0.003, 0.01\] is invalid: the best lr lies at the "
+                                        r"grid's edge \(transformer at N=[\d,]+: 0.01\), .* add larger lrs"):
+        expand_in(spec, sweep.path)
+    assert read_rules(sweep.path)["transformer"]["points"][1]["bracketed"] is False  # the grid is recorded
+
+
 def write_seeded_run(sweep, family, seed, loss, n=20_000, steps=100, tokens_per_step=64):
     """A finished run directory in the trainer's format (config.yaml, metrics.jsonl, eval.json, DONE)."""
     run_id = f"{family[:3]}-s{seed}"

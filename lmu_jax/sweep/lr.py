@@ -3,8 +3,9 @@ lr(N) = c · N^-γ per family that sets the main runs' lr (spec key ``lr_grid``,
 
 The best lr is the vertex of a parabola in log lr through the grid's lowest final validation loss and
 its two neighbours (a parabola is the local shape of loss against log lr near its minimum; far from it
-the curve is not one). When the lowest loss is at an end of the grid the optimum is not bracketed: the
-best lr is that end and the rule's record says so. The rule is a least-squares line in (log N, log lr*);
+the curve is not one). When the lowest loss is at an end of the grid the optimum is not bracketed, and
+no rule is fitted: main runs are not planned on an extrapolated lr, and the sweep says which lrs to add
+(``lr_rule.json`` still records the grid). The rule is a least-squares line in (log N, log lr*);
 with one grid size it is a constant (γ = 0). ``rules_from_grid`` writes ``lr_rule.json`` in the sweep
 directory, which the report reads to say how each run's lr was chosen.
 """
@@ -18,6 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from lmu_jax import storage
+from lmu_jax.errors import UserError
 
 RULE_FILE = "lr_rule.json"
 
@@ -90,6 +92,14 @@ def rules_from_grid(sweep_dir, runs) -> dict | None:
     rules = {family: fit_rule(family, pts) for family, pts in points.items()}
     if sweep.path.exists():
         storage.write_text(sweep.path / RULE_FILE, json.dumps({f: asdict(r) for f, r in rules.items()}, indent=1) + "\n")
+    edges = [(family, p) for family, pts in points.items() for p in pts if not p["bracketed"]]
+    if edges:
+        where = "; ".join(f"{family} at N={p['N']:,}: {p['best_lr']:g}" for family, p in edges)
+        lowest = any(p["best_lr"] == min(p["lrs"]) for _, p in edges)
+        raise UserError(f"lr_grid.lrs={sorted(set(edges[0][1]['lrs']))} is invalid: the best lr lies at the grid's "
+                        f"edge ({where}), so the rule would extrapolate; add "
+                        + ("smaller and/or larger" if lowest and not all(p["best_lr"] == min(p["lrs"]) for _, p in edges)
+                           else "smaller" if lowest else "larger") + " lrs (lr_rule.json has the grid's losses)")
     return rules
 
 
