@@ -1,6 +1,7 @@
 """Run metrics: JSONL (canonical), optional TensorBoard, throughput and MFU.
 
-``metrics.jsonl`` holds one JSON object per line with a ``kind``: ``train`` (per step) or ``eval``.
+``metrics.jsonl`` holds one JSON object per line with a ``kind``: ``train`` (per step), ``eval``, or
+``settings`` (at each start: the platform and the values the trainer chose for ``auto`` settings).
 Only process 0 writes. On resume the file is cut back to the restored step (and loses the ``final``
 eval line, which a run killed before DONE writes again), so after any number of restarts each step
 appears exactly once.

@@ -69,6 +69,9 @@ def test_auto_trains_as_its_explicit_setting(kjv_cache, tmp_path):
             assert json.loads((trainer.run.path / "eval.json").read_text())["run_id"] == run_id(cfg)
     recorded = yaml.safe_load((tmp_path / "run_auto" / "config.yaml").read_text())
     assert recorded["train"]["microbatches"] == 2
+    (settings,) = [json.loads(line) for line in (tmp_path / "run_auto" / "metrics.jsonl").read_text().splitlines()
+                   if json.loads(line)["kind"] == "settings"]  # and so do its metrics
+    assert settings["platform"] == "cpu" and settings["chosen"] == {"train.microbatches": 2}
     assert losses["auto"] == losses[2]
     np.testing.assert_allclose(losses[2], losses[1], rtol=1e-5)
 

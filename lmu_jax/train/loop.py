@@ -101,6 +101,9 @@ class Trainer:
         self.run_id = run_id(cfg)
         self.program, self.cache = open_program(cfg, devices, self.run)
         self.cfg = self.program.cfg
+        given, used = cfg.to_dict(), self.cfg.to_dict()  # what `auto` became: metrics.jsonl says it too
+        self.chosen = {f"{section}.{key}": value for section, values in used.items()
+                       for key, value in values.items() if given[section].get(key) != value}
         self.inputs = StepInputs(self.program, self.cache)
         self.evaluator = Evaluator(self.program, self.cache)
 
@@ -261,6 +264,7 @@ class Trainer:
         pending = None  # (step, metrics on device): fetched one step late so the host never stalls
         last_time = time.perf_counter()
         lowest = math.inf  # the lowest training loss so far: a step far above it is logged (a spike)
+        writer.write({"kind": "settings", "step": start, "platform": program.platform, "chosen": self.chosen})
 
         def flush(pending_item):
             nonlocal last_time, lowest
