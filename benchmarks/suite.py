@@ -47,6 +47,7 @@ import numpy as np
 
 from benchmarks import write_json_and_markdown
 from lmu_jax.flops import xla_flops
+from lmu_jax.models import get_family
 from lmu_jax.ops import MEMORY_IMPLS
 
 FAMILIES = ("transformer", "lstm", "lmu", "lmu_attn")
@@ -64,9 +65,9 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 # as gradient accumulation (train.microbatches) over microbatches of this many tokens (at least one
 # sequence): the same update, while one microbatch's activations (d 1024: 2 MiB per layer input, 8 MiB
 # of FFN hidden) stay in a CPU's last-level cache (32 MiB here) instead of streaming through DRAM.
-# Not for the LSTM: its recurrent matmuls have one row per sequence of a microbatch, and 2 rows starve
-# them (d 1024, n 256, 8192 tokens in 16 microbatches: 7.1 s a step against 2.2 s in one).
-ACCUMULATED_FAMILIES = ("transformer", "lmu", "lmu_attn")
+# Only for the families the trainer accumulates on CPU (Family.cpu_microbatches): not the LSTM, whose
+# recurrent matmuls have one row per sequence of a microbatch, and 2 rows starve them (d 1024, n 256,
+# 8192 tokens in 16 microbatches: 7.1 s a step against 2.2 s in one).
 FULL = {
     "ceiling_size": 2048, "copy_mib": 512,
     "d_models": (256, 512, 1024), "n_layers": 1, "seq_lens": (256, 1024), "tokens_per_step": (1024, 8192),
@@ -567,7 +568,8 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile
             for tokens in grid["tokens_per_step"]:
                 for d_model in grid["d_models"]:
                     for seq_len in grid["seq_lens"]:
-                        accumulated = accumulated_microbatches(tokens, seq_len) if family in ACCUMULATED_FAMILIES else 1
+                        accumulated = accumulated_microbatches(tokens, seq_len) \
+                            if get_family(family).cpu_microbatches else 1
                         for microbatches in (1, accumulated) if accumulated > 1 else (1,):
                             cfg = config(family, d_model, seq_len, tokens, grid["n_layers"], microbatches=microbatches)
                             where = point_dir("train", family, d_model, seq_len, tokens, microbatches)

@@ -73,6 +73,7 @@ from pathlib import Path
 
 from lmu_jax.config import OptimConfig, RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.errors import UserError, bad_value
+from lmu_jax.models import FAMILIES, carries_state
 
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
              "evals_per_run", "base", "family_overrides", "run_overrides", "throughput", "seeds", "branches",
@@ -251,8 +252,6 @@ def _mapping(path: str, value) -> dict:
 
 def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
     """Check a spec dict's shape (not yet the run configs: ``expand`` does that) and build a SweepSpec."""
-    from lmu_jax.models import FAMILIES
-
     raw = _mapping("spec", raw)
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
@@ -526,7 +525,6 @@ class _Planner:
 
     def run(self, size: int, budget: Budget, run_raw: dict, stage: str = "main") -> PlannedRun:
         from lmu_jax.flops import model_flops_per_token
-        from lmu_jax.models import carries_state
 
         probe, model_cfg, counts = self._probe(run_raw)
         flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len,
