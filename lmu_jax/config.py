@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lmu_jax import storage
+from lmu_jax.data.tokenizers import BYTE_VOCAB_SIZE
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.models import FAMILIES, get_family
 from lmu_jax.models.base import ModelConfig
@@ -240,8 +241,6 @@ class RunConfig:
 def tokenizer_vocab_size(data: DataConfig) -> int:
     """The vocabulary ``data``'s tokenizer has, known without reading the corpus: the byte tokenizer's, or
     the SentencePiece size asked for (a trained model has exactly that many pieces, or training fails)."""
-    from lmu_jax.data.tokenizers import BYTE_VOCAB_SIZE  # the tokenizers module imports this one
-
     return BYTE_VOCAB_SIZE if data.tokenizer == "byte" else data.sp_vocab_size
 
 

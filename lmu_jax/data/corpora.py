@@ -35,12 +35,14 @@ import sys
 import sysconfig
 import urllib.request
 import zipfile
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from etils import epath
 
-from lmu_jax.config import DataConfig
 from lmu_jax.errors import UserError, bad_value
+
+if TYPE_CHECKING:  # annotations only: the config module imports the tokenizers, which import this one
+    from lmu_jax.config import DataConfig
 
 DOCUMENT_SEPARATOR = b"\x1e"  # ASCII record separator, between documents of a split
 SPLITS = ("train", "validation", "test")
