@@ -61,15 +61,13 @@ def default_sweep_dir(spec) -> Path:
 
 def _load(args):
     """(spec, runs, sweep dir). With an lr grid the main runs are among the runs only once the grid is done."""
-    from lmu_jax import distributed, storage
+    from lmu_jax import storage
+    from lmu_jax.sweep.runner import SweepDir, sync_results, writes_sweep_dir
     from lmu_jax.sweep.spec import load_spec
 
     spec = load_spec(args.spec)
     sweep_dir = storage.path(args.sweep_dir, "--sweep-dir") if args.sweep_dir else default_sweep_dir(spec)
-    job = distributed.job_process()
-    if spec.results and (job is None or job[0] == 0):  # committed runs count as done (before the lr rule)
-        from lmu_jax.sweep.runner import SweepDir, sync_results
-
+    if spec.results and writes_sweep_dir():  # committed runs count as done (before the lr rule reads them)
         sync_results(SweepDir(sweep_dir), spec.results)
     return spec, expand_in(spec, sweep_dir), sweep_dir
 

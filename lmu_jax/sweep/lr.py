@@ -95,11 +95,11 @@ def rules_from_grid(sweep_dir, runs) -> dict | None:
     edges = [(family, p) for family, pts in points.items() for p in pts if not p["bracketed"]]
     if edges:
         where = "; ".join(f"{family} at N={p['N']:,}: {p['best_lr']:g}" for family, p in edges)
-        lowest = any(p["best_lr"] == min(p["lrs"]) for _, p in edges)
+        ends = [word for word, end in (("smaller", min), ("larger", max))
+                if any(p["best_lr"] == end(p["lrs"]) for _, p in edges)]
         raise UserError(f"lr_grid.lrs={sorted(set(edges[0][1]['lrs']))} is invalid: the best lr lies at the grid's "
-                        f"edge ({where}), so the rule would extrapolate; add "
-                        + ("smaller and/or larger" if lowest and not all(p["best_lr"] == min(p["lrs"]) for _, p in edges)
-                           else "smaller" if lowest else "larger") + " lrs (lr_rule.json has the grid's losses)")
+                        f"edge ({where}), so the rule would extrapolate; add {' and '.join(ends)} lrs "
+                        "(lr_rule.json has the grid's losses)")
     return rules
 
 

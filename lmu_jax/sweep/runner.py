@@ -157,13 +157,23 @@ RESULT_FILES = ("config.yaml", "metrics.jsonl", "eval.json", "DONE")
 RECORD_KEYS = ("run_id", "state", "attempts", "started", "ended", "returncode")  # what the throughput reads
 
 
+def writes_sweep_dir() -> bool:
+    """Only a job's process 0 (or a process outside any job) writes the sweep directory."""
+    job = distributed.job_process()
+    return job is None or job[0] == 0
+
+
+def _copy_files(source, target, names) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        if (source / name).exists():
+            storage.write_bytes(target / name, (source / name).read_bytes())
+
+
 def export_run(sweep: SweepDir, run_id: str, results) -> None:
     """Copy a finished run's small files into ``<results>/runs/<id>/`` (the record without host or paths)."""
     source, target = sweep.run_dir(run_id), Path(results) / "runs" / run_id
-    target.mkdir(parents=True, exist_ok=True)
-    for name in RESULT_FILES:
-        if (source / name).exists():
-            (target / name).write_bytes((source / name).read_bytes())
+    _copy_files(source, target, RESULT_FILES)
     record = {key: value for key, value in read_record(source).items() if key in RECORD_KEYS}
     (target / STATUS_FILE).write_text(json.dumps(record, indent=1) + "\n")
 
@@ -177,11 +187,7 @@ def sync_results(sweep: SweepDir, results) -> tuple[int, int]:
     for run_id in sorted(local - kept):
         export_run(sweep, run_id, results)
     for run_id in sorted(kept - local):
-        target = sweep.run_dir(run_id)
-        target.mkdir(parents=True, exist_ok=True)
-        for name in (*RESULT_FILES, STATUS_FILE):
-            if (committed / run_id / name).exists():
-                storage.write_bytes(target / name, (committed / run_id / name).read_bytes())
+        _copy_files(committed / run_id, sweep.run_dir(run_id), (*RESULT_FILES, STATUS_FILE))
     return len(local - kept), len(kept - local)
 
 
@@ -312,7 +318,7 @@ def run_sweep(spec: SweepSpec, runs: list[PlannedRun], sweep_dir, *, only: str |
     if only is not None and only not in {r.run_id for r in runs}:
         raise UserError(f"--only {only!r} is not a run of this sweep; see `lmu-jax sweep plan SPEC --format ids`")
     job = distributed.job_process()
-    main = job is None or job[0] == 0
+    main = writes_sweep_dir()
     if main:
         sweep.write_plan(spec, runs)
     todo = [r for r in runs if only is None or r.run_id == only]

@@ -431,7 +431,7 @@ def warmup_steps(fraction: float, steps: int, b2: float | None) -> int:
     run that reached its peak lr sooner spiked (experiments/results/cpu_scaling_kjv/loss_spikes.md)."""
     b2 = OptimConfig.b2 if b2 is None else b2
     floor = math.ceil(2.0 / (1.0 - b2)) if fraction > 0 and b2 < 1 else 0
-    return min(max(int(round(fraction * steps)), floor), max(int(round(fraction * steps)), steps // 2))
+    return max(int(round(fraction * steps)), min(floor, steps // 2))
 
 
 def _with_steps(raw: dict, steps: int, spec: SweepSpec | None = None) -> dict:
