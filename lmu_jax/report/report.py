@@ -459,14 +459,14 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
                    "own N in brackets), and each family's best size. The runs of a budget differ in C only by the "
                    "rounding of steps; C* is the smallest of them and each run's validation curve is read there "
                    "(log-log interpolation, lmu_jax.scaling.compare.loss_at_compute)."))
-    s.append(("table", equal_flops_rows(equal_flops_table(results), families)))
+    equal_flops, efficiency = equal_flops_table(results), data_efficiency_table(results)
+    s.append(("table", equal_flops_rows(equal_flops, families)))
     if collected["curves"]:
-        s += data_efficiency_sections(results)
-    s += noise_sections(collected.get("sweep_dir"), results, equal_flops_table(results), data_efficiency_table(results),
-                        families)
+        s += data_efficiency_sections(efficiency)
+    s += noise_sections(collected.get("sweep_dir"), results, equal_flops, efficiency, families)
     s += fit_sections(fits, bootstrap)
-    s += claims_sections(results, equal_flops_table(results), data_efficiency_table(results) if collected["curves"]
-                         else [], noise_floor(seed_stats(results))[0], families)
+    s += claims_sections(results, equal_flops, efficiency if collected["curves"] else [],
+                         noise_floor(seed_stats(results))[0], families)
     s.append(("h2", "Figures"))
     for stem, caption in FIGURES:
         if stem in figures:
@@ -492,7 +492,7 @@ FIGURES = (
 )
 
 
-def data_efficiency_sections(results) -> list[tuple]:
+def data_efficiency_sections(efficiency) -> list[tuple]:
     s = []
     s.append(("h2", "Data efficiency"))
     s.append(("p", "Tokens family X needed to reach family Y's final validation loss at the same ladder size and "
@@ -502,7 +502,7 @@ def data_efficiency_sections(results) -> list[tuple]:
                    "130 B (10×). At matched FLOPs the families see different token counts; evaluations before the "
                    "end of a run are not horizon-matched (the learning rate has not decayed yet), so a ratio read "
                    "there understates X's efficiency. Where no ratio can be read, the table says why."))
-    s.append(("table", efficiency_rows(data_efficiency_table(results))))
+    s.append(("table", efficiency_rows(efficiency)))
     return s
 
 

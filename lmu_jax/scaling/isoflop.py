@@ -254,8 +254,9 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
         joint = np.stack([replicates[i] for i in used], axis=1)  # (bootstrap, budgets, 3)
         complete = np.all(np.isfinite(joint), axis=(1, 2))
         n_used = int(complete.sum())
-        lines = np.array([[_line(log_C, np.log(draw[:, j])) for j in range(3)] for draw in joint[complete]])
-        slopes = lines[:, :, 0] if n_used else np.empty((0, 3))
+        lines = np.array([[_line(log_C, np.log(draw[:, j])) for j in range(3)]
+                          for draw in joint[complete]]).reshape(-1, 3, 2)
+        slopes = lines[:, :, 0]
         if n_used >= 2:
             ci = {"a": _percentiles(slopes[:, 0], ci_level), "b": _percentiles(slopes[:, 1], ci_level),
                   "gamma": tuple(sorted(-q for q in _percentiles(slopes[:, 2], ci_level)))}

@@ -290,9 +290,10 @@ class Trainer:
                 "step_time": dt, "tokens_per_s": program.tokens_per_step / dt,
                 "mfu": program.tokens_per_step * program.flops_per_token / dt / peak,
             }
-            if loss > lowest + SPIKE_NATS:
+            spike = loss > lowest + SPIKE_NATS
+            if spike:
                 record["lowest_before"] = lowest  # the report measures the jump from it (stability.py)
-            spike, lowest = "lowest_before" in record, min(lowest, loss)
+            lowest = min(lowest, loss)
             if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite or spike:
                 writer.write(record)  # every skipped update and every spike, whatever log.every says
             if progress is not None:
