@@ -101,12 +101,14 @@ def test_lr_parabola_recovers_a_known_optimum():
 
 def test_lr_rule_from_the_grid_sets_every_main_runs_lr(tmp_path, kjv_cache):
     raw = small(kjv_cache, sizes=[5_000, 20_000], seeds=[0, 1],
-                lr_grid={"lrs": [1e-3, 3e-3, 1e-2, 3e-2], "sizes": [5_000, 20_000], "budget": 2.0e9})
+                lr_grid=[{"lrs": [1e-3, 3e-3, 1e-2, 3e-2], "sizes": [5_000, 20_000], "budget": 2.0e9},
+                         # a second grid: one family gets a larger size, with lrs around its own optimum
+                         {"lrs": [1e-3, 3e-3, 1e-2], "sizes": [40_000], "budget": 2.0e9, "families": ["lstm"]}])
     spec = parse_spec(raw)
     sweep = SweepDir(tmp_path / "sweep")
     sweep.runs.mkdir(parents=True)
     grid = expand(spec)
-    assert {r.stage for r in grid} == {"lr_grid"} and len(grid) == 2 * 2 * 4
+    assert {r.stage for r in grid} == {"lr_grid"} and len(grid) == 2 * 2 * 4 + 3
     assert expand_in(spec, sweep.path) == grid  # the grid is not finished: no main runs yet
     c, gamma = {"transformer": (0.4, 0.5), "lstm": (2.0, 0.6)}, {}
     for run in grid:  # finished grid runs whose loss is lowest at c N^-gamma
@@ -126,6 +128,8 @@ def test_lr_rule_from_the_grid_sets_every_main_runs_lr(tmp_path, kjv_cache):
         assert run.config.optim.lr == pytest.approx(wanted, rel=2e-3)
     rules = read_rules(sweep.path)
     assert rules["lstm"]["gamma"] == pytest.approx(0.6, abs=1e-6) and all(p["bracketed"] for p in rules["lstm"]["points"])
+    assert [p["size"] for p in rules["lstm"]["points"]] == [5_000, 20_000, 40_000]
+    assert [p["size"] for p in rules["transformer"]["points"]] == [5_000, 20_000]
 
 
 def test_a_best_lr_at_the_grids_edge_plans_no_main_runs_and_says_what_to_add(tmp_path, kjv_cache):

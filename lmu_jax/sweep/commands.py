@@ -78,14 +78,14 @@ def expand_in(spec, sweep_dir) -> list:
     from lmu_jax.sweep.spec import expand
 
     runs = expand(spec)
-    if spec.lr_grid is None:
+    if not spec.lr_grids:
         return runs
     rules = rules_from_grid(sweep_dir, runs)
     return runs if rules is None else expand(spec, rules)
 
 
 def waiting_for_grid(spec, runs) -> bool:
-    return spec.lr_grid is not None and all(r.stage == "lr_grid" for r in runs)
+    return bool(spec.lr_grids) and all(r.stage == "lr_grid" for r in runs)
 
 
 # ------------------------------------------------------------------------------------------- plan

@@ -33,6 +33,8 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
       lrs: [1.0e-3, 3.0e-3, 1.0e-2]        # >= 3 peak learning rates, tried at every grid size
       sizes: [20000, 60000]                # target sizes of the grid runs
       budget: 1.0e12                       # their one FLOP budget (or {tokens: 2.0e6})
+                                           # (or a list of such grids, each with its own families:, so
+                                           # that one family gets a larger size or other lrs)
     results: experiments/results/demo      # optional: keep each finished run's small files here (commit
                                            # them): `sweep run` on a fresh clone counts those runs as done
 
@@ -146,7 +148,7 @@ class SweepSpec:
     description: str = ""
     seeds: Subset | None = None
     branches: Subset | None = None
-    lr_grid: LrGrid | None = None
+    lr_grids: tuple = ()  # of LrGrid; their runs together give each family's lr rule
     ladders: dict = field(default_factory=dict)  # budget value -> its own ladder (else ``sizes``)
     results: str = ""  # a directory (in the repository) that keeps each finished run's small files
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the spec as written
@@ -334,7 +336,7 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
                      family_overrides=family_overrides, run_overrides=tuple(run_overrides),
                      warmup_fraction=warmup_fraction, evals_per_run=evals_per_run, throughput=throughput,
                      description=str(raw.get("description") or ""), seeds=_seeds(raw.get("seeds")),
-                     branches=_branches(raw.get("branches")), lr_grid=_lr_grid(raw.get("lr_grid"), families),
+                     branches=_branches(raw.get("branches")), lr_grids=_lr_grids(raw.get("lr_grid"), families),
                      ladders=ladders, results=results, raw=raw)
 
 
@@ -388,9 +390,16 @@ def _branches(value) -> Subset | None:
     return Subset(values=tuple(sorted(fractions)), match=match)
 
 
-def _lr_grid(value, families) -> LrGrid | None:
+def _lr_grids(value, families) -> tuple:
     if value is None:
-        return None
+        return ()
+    grids = tuple(_lr_grid(v, families) for v in (value if isinstance(value, list) else [value]))
+    if not grids:
+        raise bad_value("lr_grid", value, "a grid mapping or a non-empty list of them")
+    return grids
+
+
+def _lr_grid(value, families) -> LrGrid:
     value = _mapping("lr_grid", value)
     allowed = {"lrs", "sizes", "budget", "families"}
     if not set(value) <= allowed or not {"lrs", "sizes", "budget"} <= set(value):
@@ -451,13 +460,13 @@ def plan_family(spec: SweepSpec, family: str, lr_rule=None) -> list[PlannedRun]:
                             {"model": {"family": family}})
     planner = _Planner(spec, family, family_raw)
     runs = []
-    grid = spec.lr_grid
-    if grid is not None and family in grid.families:
-        for size in grid.sizes:
-            for lr in grid.lrs:
-                runs.append(planner.run(size, grid.budget, deep_merge(planner.sized(size), {"optim": {"lr": lr}}),
-                                        stage="lr_grid"))
-    if grid is not None and lr_rule is None:
+    for grid in spec.lr_grids:
+        if family in grid.families:
+            for size in grid.sizes:
+                for lr in grid.lrs:
+                    runs.append(planner.run(size, grid.budget, deep_merge(planner.sized(size), {"optim": {"lr": lr}}),
+                                            stage="lr_grid"))
+    if spec.lr_grids and lr_rule is None:
         return runs
     for size in spec.sizes:
         for budget in spec.budgets:
