@@ -14,6 +14,7 @@ import pytest
 
 from lmu_jax import cli
 from lmu_jax.errors import EXIT_USER_ERROR, UserError
+from lmu_jax.report.prediction import prediction_sections
 from lmu_jax.scaling import fit_chinchilla, fit_isoflop, fit_power_law, rollout
 from lmu_jax.scaling.commands import read_table
 from lmu_jax.scaling.laws import ChinchillaLaw
@@ -186,6 +187,20 @@ def test_a_prediction_for_an_unrun_budget_holds_the_truth_and_the_cli_writes_it(
     assert written["N_opt"]["lo"] < written["N_opt"]["value"] < written["N_opt"]["hi"]
     assert cli.main(["fit", table, "--law", "chinchilla", "--predict", "1e20"]) == EXIT_USER_ERROR
     assert "--predict=1e+20 is invalid" in capsys.readouterr().err
+
+    # the report reads it from the spec's results directory and, once the budget has run, sets that
+    # budget's own IsoFLOP minimum beside each prediction
+    spec, family = {"results": str(tmp_path)}, json.loads(out.read_text())[0]["family"]
+    (section,) = [payload for kind, payload in prediction_sections(spec, [{"family": family, "fit": fit}])
+                  if kind == "table"]
+    assert [row[5] for row in section[1]] == ["not run yet"] * 3
+    run = fit_isoflop(*isoflop_runs(budgets, ladder=np.geomspace(1 / 4, 4, 5), noise=0.0), bootstrap=20)
+    (section,) = [payload for kind, payload in prediction_sections(spec, [{"family": family, "fit": run}])
+                  if kind == "table"]
+    outcome = {row[2]: row for row in section[1]}
+    assert outcome["N_opt"][-1] == outcome["D_opt"][-1] == "yes"
+    assert float(outcome["N_opt"][5]) == pytest.approx(n_true, rel=0.02)
+    assert prediction_sections({"results": str(tmp_path / "none")}, []) == []
 
 
 def test_fit_holdout_command_prints_predictions(tmp_path, capsys):

@@ -12,7 +12,8 @@ points of docs/scaling.md, and the report lists the runs each fit used):
   D -> infinity limit E + A/N^alpha is drawn on the L(N) figure. The same law is refitted without the
   largest budget's runs and without the largest size's, and predicts them (``scaling.rollout``);
 - isoFLOP analysis per family (``scaling.isoflop``): N_opt, D_opt, L_opt per FLOP budget with >= 3
-  sizes, and their power laws in C across the budgets whose minimum the ladder brackets.
+  sizes, and their power laws in C across the budgets whose minimum the ladder brackets; a prediction
+  written before a budget was run (``report.prediction``) beside what that budget measured.
 
 Every fit carries ``identified`` and ``warnings``; a fit that is not identified is labelled so and
 never drawn as a law, and no fitted curve is drawn past 2x the range of its data.
@@ -39,6 +40,7 @@ from lmu_jax.errors import UserError
 from lmu_jax.report import plots
 from lmu_jax.report.claims import claims_sections
 from lmu_jax.report.noise import main_runs, noise_floor, noise_sections, seed_stats
+from lmu_jax.report.prediction import prediction_sections
 from lmu_jax.report.runs import budgets_in_order, load_results
 from lmu_jax.report.stability import run_spikes, stability_sections
 
@@ -465,6 +467,7 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
         s += data_efficiency_sections(efficiency)
     s += noise_sections(collected.get("sweep_dir"), results, equal_flops, efficiency, families)
     s += fit_sections(fits, bootstrap)
+    s += prediction_sections(spec, fits["isoflop"])
     s += claims_sections(results, equal_flops, efficiency if collected["curves"] else [],
                          noise_floor(seed_stats(results))[0], families)
     s.append(("h2", "Figures"))
