@@ -38,6 +38,10 @@ def test_seeds_expand_to_distinct_runs_for_the_matched_subset(kjv_cache):
     everywhere = expand(parse_spec(small(kjv_cache, seeds=[3, 4])))
     assert sorted((r.family, r.seed) for r in everywhere) == [("lstm", 3), ("lstm", 4), ("transformer", 3),
                                                               ("transformer", 4)]
+    # the replicates after every budget's first seed: a sweep cut short has all its budgets first
+    two_budgets = expand(parse_spec(small(kjv_cache, seeds=[3, 4], budgets={"flops": [4.0e9, 8.0e9]})))
+    order = [(r.seed, r.budget.value) for r in two_budgets]
+    assert order == [(3, 4e9)] * 2 + [(3, 8e9)] * 2 + [(4, 4e9)] * 2 + [(4, 8e9)] * 2
 
 
 @pytest.mark.parametrize("change, message", [

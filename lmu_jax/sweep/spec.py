@@ -48,7 +48,8 @@ final loss is a valid (N, D) point (docs/scaling.md); a ``constant`` schedule is
 refused for that reason. Run ids are ``lmu_jax.config.run_id`` of the resolved config.
 
 Seeds: a run with several seeds is several runs (distinct ids; ``train.seed`` sets parameters and data
-order); the report gives their mean and standard deviation and the noise floor.
+order), and the replicates run after every budget's first seed; the report gives their mean and
+standard deviation and the noise floor.
 
 Cooldown branches (wsd): a branch at fraction f of a run of T steps has the horizon T_b = round(f T) and
 the wsd schedule of that horizon, whose stable phase is the parent's; it starts from the parent's
@@ -586,7 +587,9 @@ class _Planner:
 
 
 def expand(spec: SweepSpec, lr_rules: dict | None = None) -> list[PlannedRun]:
-    """Every run of the spec, ordered by budget, then family, then size; duplicates (same id) once.
+    """Every run of the spec, ordered by budget, then family, then size; duplicates (same id) once. The
+    replicates (a seed after the first of ``seeds``) come after every first-seed run, so that a sweep
+    cut short has all of its budgets before it has their noise.
 
     With an ``lr_grid``: its runs, and the main runs only once ``lr_rules`` ({family: ``lr.LrRule``},
     from the finished grid, ``lmu_jax.sweep.lr.rules_from_grid``) is given."""
@@ -602,7 +605,9 @@ def expand(spec: SweepSpec, lr_rules: dict | None = None) -> list[PlannedRun]:
     budget_order = {b: i for i, b in enumerate(spec.budgets)}
     family_order = {f: i for i, f in enumerate(spec.families)}
     # the lr grid first; a branch right after its parent (it starts from the parent's checkpoint)
-    planned.sort(key=lambda r: (r.stage != "lr_grid", budget_order.get(r.budget, -1), family_order[r.family],
+    replicate_seeds = spec.seeds.values[1:] if spec.seeds else ()
+    planned.sort(key=lambda r: (r.stage != "lr_grid", r.seed in replicate_seeds, budget_order.get(r.budget, -1),
+                                family_order[r.family],
                                 r.size, r.lr if r.stage == "lr_grid" else 0, r.seed, bool(r.branch_of), r.fraction))
     for run in planned:
         if run.run_id not in seen:
