@@ -101,6 +101,11 @@ def test_lr_parabola_recovers_a_known_optimum():
     rule = fit_rule("x", [{"N": n, "best_lr": 0.5 * n ** -0.4} for n in (1e4, 4e4, 1.6e5)])
     assert rule.c == pytest.approx(0.5) and rule.gamma == pytest.approx(0.4)
     assert rule.lr(2e4) == float(f"{0.5 * 2e4 ** -0.4:.4g}")
+    # optima that bend: the rule goes through each, log-linear between them, the nearest one beyond
+    bent = fit_rule("x", [{"N": 1e4, "best_lr": 0.05}, {"N": 1e5, "best_lr": 0.005}, {"N": 4e5, "best_lr": 0.004}])
+    assert [bent.lr(n) for n in (1e4, 1e5, 4e5)] == [0.05, 0.005, 0.004]
+    assert bent.lr(math.sqrt(1e4 * 1e5)) == pytest.approx(math.sqrt(0.05 * 0.005), rel=1e-3)
+    assert bent.lr(1e3) == 0.05 and bent.lr(2e6) == 0.004
 
 
 def test_lr_rule_from_the_grid_sets_every_main_runs_lr(tmp_path, kjv_cache):

@@ -131,8 +131,10 @@ def lr_sections(sweep_dir, results) -> list[tuple]:
         return [("p", f"Peak learning rates from the spec (not tuned per size here): {lrs}.")]
     s = [("p", "Peak learning rates from an lr grid (spec key lr_grid; lmu_jax/sweep/lr.py): at each grid size "
                "the best lr is the vertex of a parabola in log lr through the lowest final validation loss and its "
-               "neighbours, and lr(N) = c·N^-γ fitted per family to those sets every main run's lr "
-               "(results.csv column lr). A best lr at the grid's edge is not bracketed: widen the grid.")]
+               "neighbours; per family, those best lrs interpolated in (log N, log lr) between grid sizes, "
+               "and the nearest one beyond them, set every main run's lr (results.csv column lr). c·N^-γ is "
+               "the least-squares power law through them, a description of the trend. A best lr at the "
+               "grid's edge is not bracketed: widen the grid.")]
     rows = []
     for family, rule in rules.items():
         for p in rule["points"]:

@@ -1,13 +1,16 @@
 """Learning rate per size: the best peak lr of each (family, size) from a sweep's lr grid, and the rule
-lr(N) = c · N^-γ per family that sets the main runs' lr (spec key ``lr_grid``, lmu_jax/sweep/spec.py).
+per family that sets the main runs' lr from them (spec key ``lr_grid``, lmu_jax/sweep/spec.py).
 
 The best lr is the vertex of a parabola in log lr through the grid's lowest final validation loss and
 its two neighbours (a parabola is the local shape of loss against log lr near its minimum; far from it
 the curve is not one). When the lowest loss is at an end of the grid the optimum is not bracketed, and
 no rule is fitted: main runs are not planned on an extrapolated lr, and the sweep says which lrs to add
-(``lr_rule.json`` still records the grid). The rule is a least-squares line in (log N, log lr*);
-with one grid size it is a constant (γ = 0). ``rules_from_grid`` writes ``lr_rule.json`` in the sweep
-directory, which the report reads to say how each run's lr was chosen.
+(``lr_rule.json`` still records the grid). The rule interpolates the best lrs linearly in
+(log N, log lr*) between grid sizes and holds the nearest one beyond them: a power law where the optima
+follow one, and no assumed shape where they do not (a power law through optima that bend misses every
+one of them, by 2x at the study's grid sizes, and keeps bending past the largest). The least-squares
+power law lr* = c · N^-γ is fitted beside it, to describe the trend. ``rules_from_grid`` writes
+``lr_rule.json`` in the sweep directory, which the report reads to say how each run's lr was chosen.
 """
 
 from __future__ import annotations
@@ -51,12 +54,16 @@ class LrRule:
     points: tuple  # dicts: size, N, lrs, losses, best_lr, bracketed
 
     def lr(self, n_params: int) -> float:
-        """The rule's lr at N non-embedding parameters (4 significant digits: a readable config)."""
-        return float(f"{self.c * n_params ** -self.gamma:.4g}")
+        """The lr at N non-embedding parameters: the grid's best lrs interpolated in (log N, log lr),
+        the nearest one beyond the grid's sizes (4 significant digits: a readable config)."""
+        points = sorted(self.points, key=lambda p: p["N"])
+        log_lr = np.interp(math.log(n_params), [math.log(p["N"]) for p in points],
+                           [math.log(p["best_lr"]) for p in points])
+        return float(f"{math.exp(log_lr):.4g}")
 
 
 def fit_rule(family: str, points: list[dict]) -> LrRule:
-    """lr* = c · N^-γ through the points' (N, best_lr), least squares in logs."""
+    """The rule through the points' (N, best_lr); its c · N^-γ is the least-squares line in logs."""
     n = np.log([p["N"] for p in points])
     lr = np.log([p["best_lr"] for p in points])
     if len(set(n.tolist())) < 2:

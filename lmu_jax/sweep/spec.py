@@ -29,7 +29,7 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
                                            # {values: [0, 1, 2], match: {family: lstm, size: 20000}}
     branches: [0.125, 0.25, 0.5, 1]        # optional, wsd only: cooldown branches at these fractions of each
                                            # run's horizon, or {fractions: [...], match: {...}} for some runs
-    lr_grid:                               # optional: tune lr per size first, then lr(N) = c N^-gamma per family
+    lr_grid:                               # optional: tune lr per size first, then lr(N) per family from it
       lrs: [1.0e-3, 3.0e-3, 1.0e-2]        # >= 3 peak learning rates, tried at every grid size
       sizes: [20000, 60000]                # target sizes of the grid runs
       budget: 1.0e12                       # their one FLOP budget (or {tokens: 2.0e6})
@@ -59,8 +59,9 @@ is the (N, D = T_b tokens) point that a run of T_b steps would give. The parent 
 (``checkpoint.at``); branch runs come right after their parent. Fraction 1 is the parent itself.
 
 Learning rate grid: its runs (stage ``lr_grid``) run first; the best lr per (family, size) is the vertex
-of a parabola in log lr through the final validation losses, and lr(N) = c N^-gamma fitted per family
-sets ``optim.lr`` of every main run (``lmu_jax.sweep.lr``; the rule wins over the spec's lr). The main
+of a parabola in log lr through the final validation losses, and those best lrs, interpolated in
+(log N, log lr) per family, set ``optim.lr`` of every main run (``lmu_jax.sweep.lr``; the rule wins over
+the spec's lr). The main
 runs are planned once the grid is done. Grid runs take the base and family overrides, not run_overrides,
 seeds or branches.
 """
