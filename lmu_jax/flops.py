@@ -5,9 +5,9 @@ Convention (docs/flops.md says why and how the tests check it):
   unembedding included, the embedding gather excluded; causal attention counts half of the full QKᵀ
   and AV (``dense_flops``, ``attention_flops`` in lmu_jax/models/base.py); family-specific ops (LMU
   memory convolutions, scans) are counted by their own formulas.
-- training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``. A family with
-  carried state is counted as the trainer runs it: with its memory when the state is fed (data.order
-  streams), without when it is not (Transformer-XL's stateless call computes no memory rows).
+- training FLOPs = 3 × forward (backward = 2 × forward): ``model_flops_per_token``. A family with a
+  carry is counted as the trainer runs it: with its memory when the carry is fed (data.order streams),
+  without when it is not (Transformer-XL with the empty carry computes no memory rows).
 - ``kaplan_flops_per_token`` = 6·N with N the non-embedding parameters, logged beside it.
 - Non-embedding parameters exclude every parameter with a ``vocab`` or ``position`` logical axis
   (token embeddings, untied output heads, learned position tables).
@@ -29,11 +29,8 @@ EMBEDDING_AXES = ("vocab", "position")
 
 def model_flops_per_token(cfg, seq_len: int, *, carried: bool) -> float:
     """Training FLOPs per token: 3 × the family's analytic forward count, as the trainer computes it:
-    ``carried`` (``lmu_jax.models.carries_state``) says whether a family with carried state is fed it."""
-    family = get_family(cfg.family)
-    if family.initial_state is None:
-        return 3.0 * family.forward_flops_per_token(cfg, seq_len)
-    return 3.0 * family.forward_flops_per_token(cfg, seq_len, carried=carried)
+    ``carried`` (``lmu_jax.models.carries_state``) says whether the run feeds the family's carry."""
+    return 3.0 * get_family(cfg.family).forward_flops_per_token(cfg, seq_len, carried=carried)
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:
@@ -44,7 +41,7 @@ def abstract_variables(cfg, seq_len: int):
     """Shapes of the model's variables (boxed with logical axes), without allocating anything."""
     model = build_model(cfg)
     tokens = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
-    return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t), tokens)
+    return jax.eval_shape(lambda t: model.init(jax.random.PRNGKey(0), t, {}), tokens)
 
 
 def param_counts(cfg, seq_len: int = 16) -> dict:

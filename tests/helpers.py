@@ -70,7 +70,7 @@ def repeated_batch_losses(model, params, windows, *, lr: float, steps: int) -> l
     from lmu_jax.train.step import train_step
 
     optimizer = make_optimizer(OptimConfig(lr=lr, warmup_steps=0), steps=10)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "carry": {}}
     step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer, microbatches=1,
                                            seed=0, skip_nonfinite=False))
     losses = []

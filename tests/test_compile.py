@@ -18,7 +18,7 @@ def test_compiles_for_a_cpu_topology_and_reports_memory():
     assert float(sizes["arguments"]) > 0 and float(sizes["total"]) >= float(sizes["arguments"])
 
 
-def test_a_carried_state_family_compiles_with_its_stream_starts_input():
+def test_a_family_with_a_carry_compiles_with_its_stream_starts_input():
     out = cli_subprocess(["compile", "--topology", "cpu-2", "model.family=transformer_xl", "model.d_model=32",
                           "model.n_layers=1", "model.n_head=2", "model.mem_len=8", "data.seq_len=16",
                           "train.batch_size=4"], devices=8)

@@ -26,7 +26,7 @@ def test_default_config_switches_to_every_family(family, capsys):
         assert "model.max_len" in notice  # a transformer-only key, dropped
     model_cfg = cfg.resolved_model()  # validated by load_config
     params = jax.eval_shape(lambda: build_model(model_cfg).init(jax.random.PRNGKey(0),
-                                                                jnp.zeros((1, cfg.data.seq_len), jnp.int32)))
+                                                                jnp.zeros((1, cfg.data.seq_len), jnp.int32), {}))
     assert jax.tree.leaves(params)
 
 

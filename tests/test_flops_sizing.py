@@ -85,8 +85,9 @@ def analytic_as_xla_counts(cfg, seq_len: int, memory_impl: str | None) -> float:
 def xla_forward_flops_per_token(cfg, seq_len: int) -> float:
     model = build_model(cfg)
     tokens = jnp.zeros((1, seq_len), jnp.int32)
-    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
-    return xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile()) / seq_len
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, {}))["params"])
+    forward = jax.jit(lambda p, t: model.apply({"params": p}, t, {})[0])
+    return xla_flops(forward.lower(params, tokens).compile()) / seq_len
 
 
 SIZES = [(48, 2, 64), (96, 2, 128), (192, 2, 128)]  # (d_model, n_layers, seq_len)
@@ -170,9 +171,9 @@ def test_transformer_is_causal():
     cfg = FAMILIES["transformer"].config_cls(d_model=32, n_layers=2, n_heads=2).resolved(VOCAB, seq_len)
     model = build_model(cfg)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (2, seq_len), 0, VOCAB)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(1), tokens, {})["params"])
     params["embed"]["embedding"] = params["embed"]["embedding"] * 25.0  # logits O(1)
-    apply = jax.jit(lambda p, t_: model.apply({"params": p}, t_))
+    apply = jax.jit(lambda p, t_: model.apply({"params": p}, t_, {})[0])
     before, after = apply(params, tokens), apply(params, tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 3) % VOCAB))
     scale = float(jnp.abs(before).max())
     np.testing.assert_allclose(after[:, : t + 1], before[:, : t + 1], rtol=0, atol=1e-5 * scale)

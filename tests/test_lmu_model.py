@@ -37,7 +37,7 @@ def init_params(cfg, seed=0):
     """Initialised parameters with the embedding scaled up, so logits are O(1) and differences show."""
     model = LMULanguageModel(cfg)
     tokens = jnp.zeros((1, SEQ), jnp.int32)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens)["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), tokens, {})["params"])
     params["embed"]["embedding"] = params["embed"]["embedding"] * 25.0
     return model, params
 
@@ -54,7 +54,7 @@ def test_causal_for_every_memory_impl_and_impls_agree(family):
     outputs = {}
     for impl in ("sequential", "fft", "chunked"):  # chunk_len 8 does not divide SEQ = 21
         model, params = init_params(tiny(family, memory_impl=impl))
-        apply = jax.jit(model.apply)
+        apply = jax.jit(lambda variables, t: model.apply(variables, t, {})[0])
         before = apply({"params": params}, tokens)
         after = apply({"params": params}, changed)
         scale = float(jnp.abs(before).max())
@@ -71,7 +71,7 @@ def test_recurrent_generation_equals_parallel(family):
     cfg = tiny(family, memory_impl="fft")
     model, params = init_params(cfg)
     tokens = random_tokens(3)
-    parallel = jax.jit(model.apply)({"params": params}, tokens)
+    parallel = jax.jit(model.apply)({"params": params}, tokens, {})[0]
     state = init_recurrent_state(cfg, batch=2, max_len=SEQ)
     step = jax.jit(lambda p, s, tok: generate_step(cfg, p, s, tok))
     recurrent = []
@@ -86,7 +86,7 @@ def test_recurrent_generation_equals_parallel(family):
     silenced = jax.tree.map(lambda x: x, params)
     for i in range(cfg.n_layers):
         silenced[f"blocks_{i}"]["memory"]["readout"] = jnp.zeros_like(params[f"blocks_{i}"]["memory"]["readout"])
-    contribution = float(jnp.abs(parallel - jax.jit(model.apply)({"params": silenced}, tokens)).max())
+    contribution = float(jnp.abs(parallel - jax.jit(model.apply)({"params": silenced}, tokens, {})[0]).max())
     assert error < 1e-4 * contribution, (error, contribution)
     assert int(state["position"]) == SEQ
 
@@ -146,7 +146,8 @@ def test_reduction_parameters_shard_over_order_and_the_readout_is_replicated():
     a layer's parameters, more than the fsdp guard's 2 % tolerance allows to stay whole); the readout p
     (q',) and the q' rows stay replicated."""
     cfg = tiny()
-    boxed = jax.eval_shape(lambda: LMULanguageModel(cfg).init(jax.random.PRNGKey(0), jnp.zeros((1, SEQ), jnp.int32)))
+    tokens = jnp.zeros((1, SEQ), jnp.int32)
+    boxed = jax.eval_shape(lambda: LMULanguageModel(cfg).init(jax.random.PRNGKey(0), tokens, {}))
     memory = boxed["params"]["blocks_0"]["memory"]
     assert memory["l_query"].names == ("order_reduced", "order")
     assert memory["readout"].names == ("order_reduced",)
@@ -203,7 +204,7 @@ def test_a_few_train_steps_lower_the_loss(family):
     cfg = tiny(family, d_model=32, n_layers=1, order=16, q_reduced=0)
     model = LMULanguageModel(cfg)
     windows = random_tokens(4, batch=4, length=SEQ + 1)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1])["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1], {})["params"])
     losses = repeated_batch_losses(model, params, windows, lr=1e-2, steps=10)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.5, losses

@@ -34,7 +34,7 @@ def tiny(**keys):
 
 def init_params(cfg, seed=0):
     model = LSTMLanguageModel(cfg)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, SEQ), jnp.int32))["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, SEQ), jnp.int32), {})["params"])
     # A larger embedding than the 0.02 init, so that logits are O(1) and differences show.
     params["embed"]["embedding"] = params["embed"]["embedding"] * 25.0
     return model, params
@@ -49,7 +49,7 @@ def test_causal():
     tokens = random_tokens(1)
     t = 6
     changed = tokens.at[:, t + 1:].set((tokens[:, t + 1:] + 5) % VOCAB)
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lambda variables, t: model.apply(variables, t, {})[0])
     before = apply({"params": params}, tokens)
     after = apply({"params": params}, changed)
     np.testing.assert_array_equal(after[:, : t + 1], before[:, : t + 1])
@@ -61,7 +61,7 @@ def test_recurrent_steps_equal_the_scan(d_proj):
     cfg = tiny(d_proj=d_proj)
     model, params = init_params(cfg)
     tokens = random_tokens(2)
-    parallel = jax.jit(model.apply)({"params": params}, tokens)
+    parallel = jax.jit(model.apply)({"params": params}, tokens, {})[0]
     state = init_recurrent_state(cfg, batch=2)
     step = jax.jit(lambda p, s, tok: generate_step(cfg, p, s, tok))
     recurrent = []
@@ -77,9 +77,9 @@ def test_recurrent_steps_equal_the_scan(d_proj):
 def test_hoisted_input_gates_and_unrolling_change_nothing():
     tokens = random_tokens(3)
     _, params = init_params(tiny())
-    reference = jax.jit(LSTMLanguageModel(tiny()).apply)({"params": params}, tokens)
+    reference = jax.jit(LSTMLanguageModel(tiny()).apply)({"params": params}, tokens, {})[0]
     for keys in ({"hoist_inputs": True}, {"unroll": 4}):
-        out = jax.jit(LSTMLanguageModel(tiny(**keys)).apply)({"params": params}, tokens)
+        out = jax.jit(LSTMLanguageModel(tiny(**keys)).apply)({"params": params}, tokens, {})[0]
         np.testing.assert_allclose(out, reference, rtol=0, atol=1e-5 * float(jnp.abs(reference).max()), err_msg=str(keys))
 
 
@@ -114,7 +114,7 @@ def test_a_few_train_steps_lower_the_loss():
     cfg = tiny(d_model=32)
     model = LSTMLanguageModel(cfg)
     windows = random_tokens(4, batch=4, length=SEQ + 1)
-    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1])["params"])
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1], {})["params"])
     losses = repeated_batch_losses(model, params, windows, lr=2e-2, steps=10)
     assert all(math.isfinite(loss) for loss in losses)
     assert losses[-1] < losses[0] - 0.5, losses

@@ -31,7 +31,7 @@ def tiny(**keys):
 
 def init(cfg, seed=0):
     model = MultiscaleLM(cfg)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, LENGTH), jnp.int32))["params"])
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, LENGTH), jnp.int32), {})["params"])
     params["embed"]["embedding"] = params["embed"]["embedding"] * 25.0  # O(1) logits, so differences show
     return model, params
 
@@ -51,7 +51,7 @@ TOPOLOGIES = {
 @pytest.mark.parametrize("name", list(TOPOLOGIES))
 def test_causal_for_every_topology_and_pool_factor(name):
     model, params = init(tiny(**TOPOLOGIES[name]))
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lambda variables, t: model.apply(variables, t, {})[0])
     tokens = jax.random.randint(jax.random.PRNGKey(1), (2, LENGTH), 0, VOCAB)
     before = apply({"params": params}, tokens)
     for t in range(LENGTH - 1):
@@ -126,8 +126,8 @@ def test_analytic_flops_match_xla(keys):
     batch, length = 4, 32
     cfg = MultiscaleConfig(d_model=128, n_heads=4, **keys).resolved(256, length)
     model, tokens = MultiscaleLM(cfg), jnp.zeros((batch, length), jnp.int32)
-    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
-    xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile())
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, {}))["params"])
+    xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t, {})[0]).lower(params, tokens).compile())
     analytic = forward_flops_per_token(cfg, length) * batch * length
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
 

@@ -15,7 +15,7 @@ from lmu_jax.cli import main as cli_main
 from lmu_jax.config import config_from_dict
 from lmu_jax.errors import UserError
 from lmu_jax.flops import param_counts, xla_flops
-from lmu_jax.models.qrnn import (QRNN, HybridConfig, HybridLM, forward_flops_per_token, initial_state,
+from lmu_jax.models.qrnn import (QRNN, HybridConfig, HybridLM, forward_flops_per_token, initial_carry,
                                  linear_recurrence, parse_pattern, qrnn_flops_per_token)
 
 from helpers import repeated_batch_losses
@@ -32,7 +32,7 @@ def tiny(**keys):
 
 def init(cfg, seed=0):
     model = HybridLM(cfg)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, SEG), jnp.int32))["params"])
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), jnp.zeros((1, SEG), jnp.int32), {})["params"])
     return model, params
 
 
@@ -75,7 +75,7 @@ def numpy_qrnn_flipped(x, prev_x, c0, kernel, bias):
 
 
 @pytest.mark.parametrize("scan", ["associative", "sequential"])
-def test_qrnn_layer_matches_the_flipped_convention_with_carried_state(scan):
+def test_qrnn_layer_matches_the_flipped_convention_with_a_carry(scan):
     batch, length, d = 2, 7, 5
     keys = jax.random.split(jax.random.PRNGKey(1), 4)
     x = jax.random.normal(keys[0], (batch, length, d))
@@ -94,26 +94,27 @@ def test_qrnn_layer_matches_the_flipped_convention_with_carried_state(scan):
     np.testing.assert_array_equal(inputs, last_inputs)
 
 
-def test_segments_with_carried_state_equal_one_pass():
+def test_segments_with_a_carry_equal_one_pass():
     """Window-2 inputs, QRNN cells and attention memories carried in lock-step: three segments = one pass."""
     cfg = tiny()
     model, params = init(cfg)
     tokens = random_tokens(2, length=3 * SEG)
     apply = jax.jit(model.apply)
-    one_pass = apply({"params": params}, tokens)
-    state, pieces = initial_state(cfg, 2), []
+    one_pass, empty = apply({"params": params}, tokens, {})
+    assert empty == {}
+    carry, pieces = initial_carry(cfg, 2), []
     for start in range(0, 3 * SEG, SEG):
-        logits, state = apply({"params": params}, tokens[:, start:start + SEG], state)
+        logits, carry = apply({"params": params}, tokens[:, start:start + SEG], carry)
         pieces.append(logits)
     np.testing.assert_allclose(jnp.concatenate(pieces, 1), one_pass, rtol=1e-5, atol=1e-5)
-    assert state["qrnn_inputs"].shape == (2, 2, 1, cfg.d_model) and state["qrnn_cell"].dtype == jnp.float32
+    assert carry["qrnn_inputs"].shape == (2, 2, 1, cfg.d_model) and carry["qrnn_cell"].dtype == jnp.float32
 
 
 @pytest.mark.parametrize("pattern", ["Q", "Q3F", "AQ2F", "(AF)*2Q"])
 def test_causal_for_every_pattern(pattern):
     cfg = tiny(pattern=pattern, qrnn_window=1)
     model, params = init(cfg)
-    apply = jax.jit(model.apply)
+    apply = jax.jit(lambda variables, t: model.apply(variables, t, {})[0])
     tokens = random_tokens(3, length=9)
     before = apply({"params": params}, tokens)
     for t in (0, 4, 7):
@@ -159,9 +160,9 @@ def test_analytic_flops_match_xla():
     cfg = HybridConfig(d_model=128, n_layers=1, n_head=4, d_inner=512, dropout=0.0, mem_len=seg_len,
                        pattern="AFQ2F").resolved(256, seg_len)
     model, tokens = HybridLM(cfg), jnp.zeros((batch, seg_len), jnp.int32)
-    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, {}))["params"])
     forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0])
-    xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
+    xla = xla_flops(forward.lower(params, tokens, initial_carry(cfg, batch)).compile())
     analytic = forward_flops_per_token(cfg, seg_len) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
     assert qrnn_flops_per_token(cfg, 2) == 2 * 2 * 128 * 3 * 128  # 2·k·d_in·3·d_h (docs/flops.md)

@@ -18,7 +18,7 @@ def abstract_params(family: str):
     model_cfg = cfg.model.resolved(256, 32)
     model_cfg.validate()
     model = build_model(model_cfg)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32)))["params"]
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32), jnp.int32), {}))["params"]
 
 
 def test_every_family_has_a_tiny_test_config():

@@ -52,11 +52,11 @@ def test_gradient_accumulation_equals_one_big_batch(microbatches):
     cfg = family.config_cls(d_model=32, n_layers=1, n_heads=2).resolved(64, 16)
     model = family.build(cfg)
     windows = jax.random.randint(jax.random.PRNGKey(1), (8, 17), 0, 64)
-    params = jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1])["params"]
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), windows[:, :-1], {})["params"]
     params = jax.tree.map(lambda x: x.value if hasattr(x, "value") else x, params,
                           is_leaf=lambda x: hasattr(x, "value"))
     optimizer = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify float noise)
-    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
+    state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "carry": {}}
 
     def run(parts):
         step = jax.jit(lambda s, b: train_step(s, b, apply_fn=model.apply, optimizer=optimizer,
@@ -79,7 +79,7 @@ def test_bf16_compute_keeps_float32_parameters_and_loss(tmp_path, kjv_cache):
     losses = [loss for _, loss in train_losses(tmp_path / "bf16")]
     assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0]
     assert math.isfinite(result["loss"])
-    logits = trainer.program.model.apply({"params": trainer.final_state["params"]}, jnp.zeros((1, 8), jnp.int32))
+    logits, _ = trainer.program.model.apply({"params": trainer.final_state["params"]}, jnp.zeros((1, 8), jnp.int32), {})
     assert logits.dtype == jnp.float32  # the softmax and the loss never run in bf16
 
 

@@ -20,7 +20,7 @@ from lmu_jax.flops import param_counts, xla_flops
 from lmu_jax.models import get_family, reset_rows
 from lmu_jax.models.transformer_xl import (RelativeAttention, SkipCrossHeadConfig, TransformerXL, TransformerXLConfig,
                                            adaptive_io_flops, attention_mask, expected_skip_fraction,
-                                           forward_flops_per_token, initial_state, positional_embeddings, rel_shift,
+                                           forward_flops_per_token, initial_carry, positional_embeddings, rel_shift,
                                            sinusoid, skip_probabilities)
 
 from helpers import repeated_batch_losses
@@ -37,7 +37,7 @@ def tiny(cls=TransformerXLConfig, **keys):
 
 def init_params(cfg, seed=0):
     tokens = jnp.zeros((1, SEG), jnp.int32)
-    return nn.meta.unbox(TransformerXL(cfg).init(jax.random.PRNGKey(seed), tokens)["params"])
+    return nn.meta.unbox(TransformerXL(cfg).init(jax.random.PRNGKey(seed), tokens, {})["params"])
 
 
 def random_tokens(seed, batch=2, length=SEG):
@@ -130,7 +130,7 @@ def test_relative_attention_matches_naive_loop(case):
 def test_retained_memory_distances_follow_the_age():
     """Spec §2.2a: for a memory of age a = c − b_l, key distances seen from the segment's last query run
     a·T + M − 1 ... a·T for the memory and T − 1 ... 0 for the segment; a = 1 is plain Transformer-XL.
-    The state stores the extra age a − 1, which offsets the memory's sinusoids by (a − 1)·T."""
+    The carry stores the extra age a − 1, which offsets the memory's sinusoids by (a − 1)·T."""
     cfg, seg_len, mem_len = TransformerXLConfig(d_model=8), 4, 6
     standard = np.asarray(positional_embeddings(cfg, mem_len + seg_len, train=True))
     segment = np.stack([numpy_sinusoid(x, 8) for x in range(seg_len - 1, -1, -1)])
@@ -151,26 +151,26 @@ def txl():
     return cfg, TransformerXL(cfg), init_params(cfg)
 
 
-def run_segments(model, params, tokens, state, **kw):
+def run_segments(model, params, tokens, carry, **kw):
     logits = []
     for start in range(0, tokens.shape[1], SEG):
-        out, state = model.apply({"params": params}, tokens[:, start:start + SEG], state, **kw)
+        out, carry = model.apply({"params": params}, tokens[:, start:start + SEG], carry, **kw)
         logits.append(out)
-    return jnp.concatenate(logits, axis=1), state
+    return jnp.concatenate(logits, axis=1), carry
 
 
 def test_segment_memory_equals_one_long_pass(txl):
     """Spec §7.2: with mem_len >= everything before a segment, segment k with memory = the same positions
-    of one pass over all segments. Three segments of 5 with M = 10; the first equals the stateless call."""
+    of one pass over all segments. Three segments of 5 with M = 10; the first equals the call with the empty carry."""
     cfg, model, params = txl
     tokens = random_tokens(3, length=3 * SEG)
-    one_pass = model.apply({"params": params}, tokens)
-    segmented, state = run_segments(model, params, tokens, initial_state(cfg, 2))
+    one_pass = model.apply({"params": params}, tokens, {})[0]
+    segmented, carry = run_segments(model, params, tokens, initial_carry(cfg, 2))
     np.testing.assert_allclose(segmented, one_pass, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(state["valid"], np.full((2, cfg.n_layers), cfg.mem_len))
-    first = model.apply({"params": params}, tokens[:, :SEG])
+    np.testing.assert_array_equal(carry["valid"], np.full((2, cfg.n_layers), cfg.mem_len))
+    first = model.apply({"params": params}, tokens[:, :SEG], {})[0]
     # to rounding: the empty memory's masked columns change the matmul shapes, hence XLA's summation order
-    np.testing.assert_allclose(model.apply({"params": params}, tokens[:, :SEG], initial_state(cfg, 2))[0], first,
+    np.testing.assert_allclose(model.apply({"params": params}, tokens[:, :SEG], initial_carry(cfg, 2))[0], first,
                                rtol=1e-5, atol=1e-7)
 
 
@@ -178,31 +178,32 @@ def test_causal_within_and_across_segments(txl):
     """Segment 2's logits never see segment 2's future tokens, and do see segment 1 (through the memory)."""
     cfg, model, params = txl
     seg1, seg2 = random_tokens(4), random_tokens(5)
-    _, memory = model.apply({"params": params}, seg1, initial_state(cfg, 2))
+    _, memory = model.apply({"params": params}, seg1, initial_carry(cfg, 2))
     before, _ = model.apply({"params": params}, seg2, memory)
     t = 2
     changed = seg2.at[:, t + 1:].set((seg2[:, t + 1:] + 5) % VOCAB)
     after, _ = model.apply({"params": params}, changed, memory)
     np.testing.assert_array_equal(after[:, : t + 1], before[:, : t + 1])
     assert np.abs(after[:, t + 1:] - before[:, t + 1:]).max() > 1e-4
-    _, other_memory = model.apply({"params": params}, (seg1 + 3) % VOCAB, initial_state(cfg, 2))
+    _, other_memory = model.apply({"params": params}, (seg1 + 3) % VOCAB, initial_carry(cfg, 2))
     assert np.abs(model.apply({"params": params}, seg2, other_memory)[0] - before).max() > 1e-4
-    stateless = model.apply({"params": params}, seg2)
-    for t in (0, 3):  # and the stateless path is causal too
+    stateless = model.apply({"params": params}, seg2, {})[0]
+    for t in (0, 3):  # and the path without memory is causal too
         changed = seg2.at[:, t + 1:].set((seg2[:, t + 1:] + 1) % VOCAB)
-        np.testing.assert_array_equal(model.apply({"params": params}, changed)[:, : t + 1], stateless[:, : t + 1])
+        after = model.apply({"params": params}, changed, {})[0]
+        np.testing.assert_array_equal(after[:, : t + 1], stateless[:, : t + 1])
 
 
 def test_reset_rows_starts_a_fresh_stream(txl):
     cfg, model, params = txl
     tokens = random_tokens(6, length=2 * SEG)
-    _, state = run_segments(model, params, tokens, initial_state(cfg, 2))
-    state = reset_rows(state, jnp.array([True, False]))
-    assert not np.any(state["mems"][0]) and np.all(state["valid"][0] == 0) and np.all(state["valid"][1] > 0)
+    _, carry = run_segments(model, params, tokens, initial_carry(cfg, 2))
+    carry = reset_rows(carry, jnp.array([True, False]))
+    assert not np.any(carry["mems"][0]) and np.all(carry["valid"][0] == 0) and np.all(carry["valid"][1] > 0)
     nxt = random_tokens(7)
-    logits, _ = model.apply({"params": params}, nxt, state)
-    np.testing.assert_allclose(logits[0], model.apply({"params": params}, nxt)[0], rtol=1e-6, atol=1e-6)
-    assert np.abs(logits[1] - model.apply({"params": params}, nxt)[1]).max() > 1e-4
+    logits, _ = model.apply({"params": params}, nxt, carry)
+    np.testing.assert_allclose(logits[0], model.apply({"params": params}, nxt, {})[0][0], rtol=1e-6, atol=1e-6)
+    assert np.abs(logits[1] - model.apply({"params": params}, nxt, {})[0][1]).max() > 1e-4
 
 
 def test_same_length_and_clamp_len_act_at_evaluation():
@@ -211,20 +212,20 @@ def test_same_length_and_clamp_len_act_at_evaluation():
     # same_length: every query sees exactly M keys, so the oldest memory row (distance >= M) is invisible
     mask = attention_mask(SEG, SEG, jnp.array([SEG]), window=SEG)
     np.testing.assert_array_equal(mask.sum(-1), SEG)
-    _, state = model.apply({"params": params}, random_tokens(8), initial_state(cfg, 2))
-    poked = dict(state, mems=state["mems"].at[:, :, 0].add(3.0))
+    _, carry = model.apply({"params": params}, random_tokens(8), initial_carry(cfg, 2))
+    poked = dict(carry, mems=carry["mems"].at[:, :, 0].add(3.0))
     tokens = random_tokens(9)
-    same = model.apply({"params": params}, tokens, state)[0]
+    same = model.apply({"params": params}, tokens, carry)[0]
     np.testing.assert_array_equal(model.apply({"params": params}, tokens, poked)[0], same)
     plain = TransformerXL(dataclasses.replace(cfg, same_length=False, clamp_len=0))
     assert np.abs(plain.apply({"params": params}, tokens, poked)[0]
-                  - plain.apply({"params": params}, tokens, state)[0]).max() > 1e-4
+                  - plain.apply({"params": params}, tokens, carry)[0]).max() > 1e-4
     # clamp_len: distances above it reuse its embedding, at evaluation only
     clamped = positional_embeddings(cfg, 6, train=False)
     np.testing.assert_array_equal(clamped, sinusoid(jnp.array([2, 2, 2, 2, 1, 0.0]), cfg.d_model))
     np.testing.assert_array_equal(positional_embeddings(cfg, 6, train=True), sinusoid(jnp.arange(5, -1, -1.0), 16))
-    train_same = model.apply({"params": params}, tokens, state, train=True, rngs={"dropout": jax.random.PRNGKey(0)})[0]
-    train_plain = plain.apply({"params": params}, tokens, state, train=True, rngs={"dropout": jax.random.PRNGKey(0)})[0]
+    train_same = model.apply({"params": params}, tokens, carry, train=True, rngs={"dropout": jax.random.PRNGKey(0)})[0]
+    train_plain = plain.apply({"params": params}, tokens, carry, train=True, rngs={"dropout": jax.random.PRNGKey(0)})[0]
     np.testing.assert_array_equal(train_same, train_plain)
 
 
@@ -235,7 +236,7 @@ def test_adaptive_softmax_is_a_normalised_two_level_distribution(div_val):
     model, params = TransformerXL(cfg), init_params(cfg)
     for name in ("cluster_weight", "out_bias"):  # non-trivial cluster logits and biases
         params["io"][name] = jax.random.normal(jax.random.PRNGKey(4), params["io"][name].shape)
-    log_probs = model.apply({"params": params}, random_tokens(18))
+    log_probs, _ = model.apply({"params": params}, random_tokens(18), {})
     np.testing.assert_allclose(np.exp(np.asarray(log_probs, np.float64)).sum(-1), 1.0, rtol=1e-5)
     # the trainer's log_softmax leaves normalised log-probabilities as they are
     np.testing.assert_allclose(jax.nn.log_softmax(log_probs, axis=-1), log_probs, atol=1e-5)
@@ -306,14 +307,14 @@ def test_sch_txl_with_mechanisms_off_is_transformer_xl_bitwise(txl):
     base = TransformerXL(dataclasses.replace(cfg, dropout=0.1))
     tokens, rngs = random_tokens(10, length=2 * SEG), {"dropout": jax.random.PRNGKey(1), "skip": jax.random.PRNGKey(2)}
     for train in (True, False):
-        got = run_segments(sch, params, tokens, initial_state(sch.cfg, 2), train=train, rngs=rngs)[0]
-        want = run_segments(base, params, tokens, initial_state(base.cfg, 2), train=train, rngs=rngs)[0]
+        got = run_segments(sch, params, tokens, initial_carry(sch.cfg, 2), train=train, rngs=rngs)[0]
+        want = run_segments(base, params, tokens, initial_carry(base.cfg, 2), train=train, rngs=rngs)[0]
         np.testing.assert_array_equal(got, want)
     # in evaluation, the phase-1 defaults (skips, cross-head) are off as well
     default_sch = TransformerXL(tiny(SkipCrossHeadConfig))
-    state = initial_state(default_sch.cfg, 2)
-    np.testing.assert_array_equal(default_sch.apply({"params": params}, tokens[:, :SEG], state)[0],
-                                  model.apply({"params": params}, tokens[:, :SEG], initial_state(cfg, 2))[0])
+    carry = initial_carry(default_sch.cfg, 2)
+    np.testing.assert_array_equal(default_sch.apply({"params": params}, tokens[:, :SEG], carry)[0],
+                                  model.apply({"params": params}, tokens[:, :SEG], initial_carry(cfg, 2))[0])
 
 
 def test_skip_schedule_and_expected_saving():
@@ -329,15 +330,15 @@ def test_skip_schedule_and_expected_saving():
 def test_skip_retain_keeps_and_ages_the_memory():
     cfg = tiny(SkipCrossHeadConfig, n_layers=4, skip_prob_scale=1.0, ch_prob=0.0)
     model, params = TransformerXL(cfg), init_params(cfg)
-    _, state = model.apply({"params": params}, random_tokens(11), initial_state(cfg, 2))
-    state = dict(state, age=jnp.full_like(state["age"], 3))
+    _, carry = model.apply({"params": params}, random_tokens(11), initial_carry(cfg, 2))
+    carry = dict(carry, age=jnp.full_like(carry["age"], 3))
     tokens, skipped_layers = random_tokens(12), set()
-    apply = jax.jit(lambda key: model.apply({"params": params}, tokens, state, train=True,
+    apply = jax.jit(lambda key: model.apply({"params": params}, tokens, carry, train=True,
                                             rngs={"dropout": key, "skip": key})[1])
     for seed in range(6):
         new = apply(jax.random.PRNGKey(seed))
         for layer in range(cfg.n_layers):
-            kept = bool(np.array_equal(new["mems"][:, layer], state["mems"][:, layer]))
+            kept = bool(np.array_equal(new["mems"][:, layer], carry["mems"][:, layer]))
             if kept:  # skipped: memory and its valid count kept, one segment older
                 skipped_layers.add(layer)
                 np.testing.assert_array_equal(new["age"][:, layer], 4)
@@ -345,7 +346,7 @@ def test_skip_retain_keeps_and_ages_the_memory():
             else:  # ran: this segment's input appended (M = 2 segments now full), age back to 0
                 np.testing.assert_array_equal(new["age"][:, layer], 0)
                 np.testing.assert_array_equal(new["valid"][:, layer], 2 * SEG)
-                np.testing.assert_array_equal(new["mems"][:, layer, :SEG], state["mems"][:, layer, SEG:])
+                np.testing.assert_array_equal(new["mems"][:, layer, :SEG], carry["mems"][:, layer, SEG:])
     assert skipped_layers and skipped_layers <= {1, 2}, skipped_layers  # p = 0, 1/4, 1/2, 0
 
 
@@ -359,13 +360,13 @@ def test_aged_memory_positions_are_used_by_the_model():
         for name in ("query", "position"):
             attn[name]["kernel"] = attn[name]["kernel"] * 30.0
     base = TransformerXL(tiny(n_layers=3))
-    _, state = model.apply({"params": params}, random_tokens(13), initial_state(cfg, 2))
+    _, carry = model.apply({"params": params}, random_tokens(13), initial_carry(cfg, 2))
     tokens, rngs = random_tokens(14), {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(0)}
-    fresh = model.apply({"params": params}, tokens, state, train=True, rngs=rngs)[0]
-    base_state = {k: state[k] for k in ("mems", "valid")}
-    np.testing.assert_allclose(fresh, base.apply({"params": params}, tokens, base_state, train=True, rngs=rngs)[0],
+    fresh = model.apply({"params": params}, tokens, carry, train=True, rngs=rngs)[0]
+    base_carry = {k: carry[k] for k in ("mems", "valid")}
+    np.testing.assert_allclose(fresh, base.apply({"params": params}, tokens, base_carry, train=True, rngs=rngs)[0],
                                rtol=1e-5, atol=1e-6)
-    aged = dict(state, age=state["age"].at[:, 1].set(2))
+    aged = dict(carry, age=carry["age"].at[:, 1].set(2))
     assert np.abs(model.apply({"params": params}, tokens, aged, train=True, rngs=rngs)[0] - fresh).max() > 1e-5
 
 
@@ -374,9 +375,10 @@ def test_cross_head_permutes_in_training_only():
     model, params = TransformerXL(cfg), init_params(cfg)
     off = TransformerXL(dataclasses.replace(cfg, ch_prob=0.0))
     tokens, rngs = random_tokens(15), {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(3)}
-    train_on = model.apply({"params": params}, tokens, train=True, rngs=rngs)
-    assert np.abs(train_on - off.apply({"params": params}, tokens, train=True, rngs=rngs)).max() > 1e-4
-    np.testing.assert_array_equal(model.apply({"params": params}, tokens), off.apply({"params": params}, tokens))
+    train_on = model.apply({"params": params}, tokens, {}, train=True, rngs=rngs)[0]
+    assert np.abs(train_on - off.apply({"params": params}, tokens, {}, train=True, rngs=rngs)[0]).max() > 1e-4
+    np.testing.assert_array_equal(model.apply({"params": params}, tokens, {})[0],
+                                  off.apply({"params": params}, tokens, {})[0])
 
 
 def test_random_draws_are_shared_across_devices():
@@ -386,7 +388,7 @@ def test_random_draws_are_shared_across_devices():
     model, params = TransformerXL(cfg), init_params(cfg)
     tokens = random_tokens(16, batch=8)
     rngs = {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(7)}
-    apply = jax.jit(lambda p, t: model.apply({"params": p}, t, train=True, rngs=rngs))
+    apply = jax.jit(lambda p, t: model.apply({"params": p}, t, {}, train=True, rngs=rngs)[0])
     single = apply(params, tokens)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = apply(params, jax.device_put(tokens, NamedSharding(mesh, P("data", None))))
@@ -412,7 +414,7 @@ def test_families_are_listed(capsys):
     assert cli_main(["flops", "--list"]) == 0
     listed = capsys.readouterr().out.split()
     assert {"transformer_xl", "sch_txl"} <= set(listed)
-    assert get_family("sch_txl").initial_state is initial_state
+    assert get_family("sch_txl").initial_carry is initial_carry
 
 
 @pytest.mark.parametrize("with_memory", [True, False])
@@ -424,12 +426,12 @@ def test_analytic_flops_match_xla(with_memory):
     cfg = TransformerXLConfig(d_model=128, n_layers=2, n_head=4, d_inner=512, dropout=0.0, mem_len=seg_len,
                               adaptive_cutoffs=(64, 128), div_val=2).resolved(256, seg_len)
     model, tokens = TransformerXL(cfg), jnp.zeros((batch, seg_len), jnp.int32)
-    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, {}))["params"])
     if with_memory:
         forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s)[0])
-        xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
-    else:  # the stateless call computes no memory rows
-        xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t)).lower(params, tokens).compile())
+        xla = xla_flops(forward.lower(params, tokens, initial_carry(cfg, batch)).compile())
+    else:  # the empty carry: no memory rows computed
+        xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t, {})[0]).lower(params, tokens).compile())
     analytic = forward_flops_per_token(cfg, seg_len, carried=with_memory) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
 
@@ -442,10 +444,10 @@ def test_sch_txl_flops_match_xla():
     cfg = SkipCrossHeadConfig(d_model=128, n_layers=3, n_head=4, d_inner=512, dropout=0.0, mem_len=seg_len,
                               skip_prob_scale=1.0, ch_prob=0.5).resolved(256, seg_len)
     model, tokens = TransformerXL(cfg), jnp.zeros((batch, seg_len), jnp.int32)
-    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens))["params"])
+    params = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, {}))["params"])
     rngs = {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(1)}
     forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s, train=True, rngs=rngs)[0])
-    xla = xla_flops(forward.lower(params, tokens, initial_state(cfg, batch)).compile())
+    xla = xla_flops(forward.lower(params, tokens, initial_carry(cfg, batch)).compile())
     every_layer = forward_flops_per_token(dataclasses.replace(cfg, skip_prob_scale=0.0), seg_len) * batch * seg_len
     assert 0.95 < xla / every_layer < 1.15, (xla, every_layer)
 
@@ -458,24 +460,24 @@ def test_sch_txl_is_causal_across_segments_with_its_mechanisms_on():
     rngs = {"dropout": jax.random.PRNGKey(0), "skip": jax.random.PRNGKey(5)}
     apply = jax.jit(lambda t, s: model.apply({"params": params}, t, s, train=True, rngs=rngs))
     seg1, seg2 = random_tokens(20), random_tokens(21)
-    _, memory = apply(seg1, initial_state(cfg, 2))
+    _, memory = apply(seg1, initial_carry(cfg, 2))
     before = apply(seg2, memory)[0]
     for t in (0, 2):
         after = apply(seg2.at[:, t + 1:].set((seg2[:, t + 1:] + 4) % VOCAB), memory)[0]
         np.testing.assert_array_equal(after[:, :t + 1], before[:, :t + 1])
         assert np.abs(after[:, t + 1:] - before[:, t + 1:]).max() > 1e-4
-    _, other_memory = apply((seg1 + 2) % VOCAB, initial_state(cfg, 2))
+    _, other_memory = apply((seg1 + 2) % VOCAB, initial_carry(cfg, 2))
     assert np.abs(apply(seg2, other_memory)[0] - before).max() > 1e-4
 
 
 @pytest.mark.parametrize("family", ["transformer_xl", "sch_txl"])
 def test_a_few_train_steps_lower_the_loss(family):
-    """The stateless trainer call path (no memory); SCH-TXL with skips and cross-head on."""
+    """The trainer call path with the empty carry (no memory); SCH-TXL with skips and cross-head on."""
     cls = SkipCrossHeadConfig if family == "sch_txl" else TransformerXLConfig
     cfg = tiny(cls, d_model=16, n_layers=3 if cls is SkipCrossHeadConfig else 2, n_head=2, d_inner=32, dropout=0.1)
     model = TransformerXL(cfg)
     windows = random_tokens(17, batch=4, length=12 + 1)
-    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), windows[:, :-1])["params"])
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), windows[:, :-1], {})["params"])
     losses = repeated_batch_losses(model, params, windows, lr=1e-2, steps=6)
     assert all(math.isfinite(loss) for loss in losses)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.15, losses

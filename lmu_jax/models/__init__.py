@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lmu_jax.errors import bad_value
-from lmu_jax.models.base import Family, ModelConfig
+from lmu_jax.models.base import Family, ModelConfig, no_carry
 
 _FAMILY_MODULES = ["transformer", "lmu", "lstm", "transformer_xl", "qrnn", "multiscale"]
 
@@ -41,18 +41,26 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
 
 def data_order(model_cfg: ModelConfig, order: str) -> str:
-    """``data.order`` resolved: ``auto`` is ``streams`` for a family with carried state, else ``shuffled``."""
+    """``data.order`` resolved: ``auto`` is ``streams`` for a family with a carry, else ``shuffled``."""
     if order != "auto":
         return order
-    return "streams" if get_family(model_cfg.family).initial_state is not None else "shuffled"
+    return "streams" if get_family(model_cfg.family).has_carry else "shuffled"
 
 
 def carries_state(model_cfg: ModelConfig, order: str) -> bool:
-    """Whether a run feeds the family's carried state: the family has one and the data come as streams."""
-    return get_family(model_cfg.family).initial_state is not None and data_order(model_cfg, order) == "streams"
+    """Whether a run feeds the family's carry from window to window: the family has one and the data come
+    as streams."""
+    return get_family(model_cfg.family).has_carry and data_order(model_cfg, order) == "streams"
 
 
-def reset_rows(state, starts):
-    """Zero the carried state of the rows where a new stream starts (starts: (batch,) bool): a fresh
-    stream's state is all zeros, for every family (``Family.initial_state``)."""
-    return jax.tree.map(lambda x: jnp.where(starts.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros_like(x), x), state)
+def initial_carry(model_cfg: ModelConfig, order: str, batch: int, evaluation: bool = False):
+    """The carry of `batch` fresh streams as a run on data order `order` feeds it: the family's
+    (``Family.initial_carry``) where the run carries state, else the empty one (``no_carry``)."""
+    make = get_family(model_cfg.family).initial_carry if carries_state(model_cfg, order) else no_carry
+    return make(model_cfg, batch, evaluation)
+
+
+def reset_rows(carry, starts):
+    """Zero the carry of the rows where a new stream starts (starts: (batch,) bool): a fresh stream's carry
+    is all zeros, for every family (``Family.initial_carry``). An empty carry never reads `starts`."""
+    return jax.tree.map(lambda x: jnp.where(starts.reshape(-1, *(1,) * (x.ndim - 1)), jnp.zeros_like(x), x), carry)

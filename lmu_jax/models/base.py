@@ -62,25 +62,35 @@ class ShapeRule:
     paper_width: bool = False  # the LMU paper's width rule d = sqrt(N / 24) (sizing rule="paper") applies
 
 
+def no_carry(cfg: ModelConfig, batch: int, evaluation: bool = False) -> dict:
+    """A stateless family's carry: empty (a pytree with no leaves, so passing it along costs nothing)."""
+    return {}
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
     config_cls: type  # a frozen dataclass subclassing ModelConfig
     build: Callable[[ModelConfig], Any]  # resolved config -> linen module
-    # (cfg, seq_len) -> analytic forward FLOPs per token; a family with carried state also takes
-    # ``carried=`` (whether the state is fed, so that e.g. Transformer-XL's memory rows are computed)
+    # (cfg, seq_len, carried=...) -> analytic forward FLOPs per token; ``carried`` says whether the run
+    # feeds the family's carry (so that e.g. Transformer-XL's memory rows are computed)
     forward_flops_per_token: Callable[..., float]
     description: str = ""
-    # Families with carried state (Transformer-XL memory, QRNN cells): (cfg, batch, evaluation=False) -> a
-    # pytree of batch-leading arrays, all zeros for a fresh stream; the module then takes it as its second
-    # argument and returns (logits, new_state). None: stateless.
-    initial_state: Callable | None = None
+    # (cfg, batch, evaluation=False) -> the carry of `batch` fresh streams: a pytree of batch-leading arrays,
+    # all zeros (Transformer-XL memory, QRNN cells), or ``no_carry``'s empty one for a stateless family.
+    # Every module is called as ``apply(variables, tokens, carry, train=...)`` and returns (logits, carry).
+    initial_carry: Callable[..., Any] = no_carry
     shape_rule: ShapeRule = ShapeRule()
     # (logical axis, mesh axis or None) for the axes only this family's parameters have
     # (``lmu_jax.sharding`` adds them to the shared rules)
     logical_rules: tuple[tuple[str, str | None], ...] = ()
     # train.microbatches=auto on CPU accumulates over parts of ~512 tokens (lmu_jax.config.resolve_auto)
     cpu_microbatches: bool = False
+
+    @property
+    def has_carry(self) -> bool:
+        """Whether the family carries state from one window of a stream to the next."""
+        return self.initial_carry is not no_carry
 
 
 def dense_flops(d_in: int, d_out: int) -> float:

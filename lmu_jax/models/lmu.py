@@ -264,11 +264,12 @@ class LMULanguageModel(nn.Module):
         self.blocks = [LMUBlock(cfg) for _ in range(cfg.n_layers)]
         self.norm_out = Norm(dtype)
 
-    def __call__(self, tokens, *, train: bool = False):
+    def __call__(self, tokens, carry, *, train: bool = False):
+        """(logits, carry): each window starts from an empty memory, the (empty) carry passes through."""
         x = self.embed.embed(tokens)
         for block in self.blocks:
             x = block(x)
-        return self.embed.logits(self.norm_out(x))
+        return self.embed.logits(self.norm_out(x)), carry
 
     def step(self, token, state):
         """token (batch,) int -> (logits (batch, vocab) float32, state): one step of recurrent inference."""
@@ -350,10 +351,11 @@ def memory_flops_per_token(cfg: LMUConfig, seq_len: int, impl: str = "fft") -> f
     raise ValueError(f"impl must be one of fft, chunked, sequential; got {impl!r}")
 
 
-def forward_flops_per_token(cfg: LMUConfig, seq_len: int, memory_impl: str = "fft") -> float:
+def forward_flops_per_token(cfg: LMUConfig, seq_len: int, memory_impl: str = "fft", *, carried: bool = False) -> float:
     """Analytic forward FLOPs per token: Table 2 per layer (memory by ``memory_impl``, default the
     FFT path the paper counts), FFNs at 4dd' each (two per ``lmu`` block, one per ``lmu_attn`` block,
-    whose first sub-block is QKV/output projections + causal attention), and the unembedding."""
+    whose first sub-block is QKV/output projections + causal attention), and the unembedding. No carry,
+    so ``carried`` changes nothing."""
     d = cfg.d_model
     terms = table2_flops(d, cfg.order, cfg.reduced_order, seq_len, cfg.ff_width)
     one_ffn = dense_flops(d, cfg.ff_width) + dense_flops(cfg.ff_width, d)

@@ -233,11 +233,12 @@ class LSTMLanguageModel(nn.Module):
         # (Vaswani et al. 2017 scale tied embeddings the same way).
         return self.embed.embed(tokens) * jnp.sqrt(jnp.asarray(self.cfg.d_out, self.embed.dtype))
 
-    def __call__(self, tokens, *, train: bool = False):
+    def __call__(self, tokens, carry, *, train: bool = False):
+        """(logits, carry): each window starts from zero cells, the (empty) carry passes through."""
         x = self._embed(tokens)
         for layer in self.layers:
             x, _ = layer(x)
-        return self.embed.logits(self.norm_out(x))
+        return self.embed.logits(self.norm_out(x)), carry
 
     def step(self, token, state):
         """token (batch,) int -> (logits (batch, vocab) float32, state)."""
@@ -261,9 +262,10 @@ def generate_step(cfg: LSTMConfig, params, state, token):
     return LSTMLanguageModel(cfg).apply({"params": params}, token, state, method="step")
 
 
-def forward_flops_per_token(cfg: LSTMConfig, seq_len: int) -> float:
+def forward_flops_per_token(cfg: LSTMConfig, seq_len: int, *, carried: bool = False) -> float:
     """Gate matmuls 2·4·(d_in + d_out)·d_hidden per layer (input and recurrent), the projection
-    2·d_hidden·d_proj, the unembedding. Element-wise gate arithmetic is excluded (convention)."""
+    2·d_hidden·d_proj, the unembedding. Element-wise gate arithmetic is excluded (convention). No carry,
+    so ``carried`` changes nothing."""
     d_h, d_out = cfg.d_model, cfg.d_out
     per_layer = dense_flops(d_out + d_out, 4 * d_h) + (dense_flops(d_h, cfg.d_proj) if cfg.d_proj else 0.0)
     return cfg.n_layers * per_layer + dense_flops(d_out, cfg.vocab_size)

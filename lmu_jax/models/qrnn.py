@@ -23,12 +23,12 @@ The pooling is the diagonal linear recurrence c_t = a_t c_{t-1} + b_t (a = f, b 
 ``jax.lax.associative_scan`` (``qrnn_scan=sequential``: ``lax.scan``, faster on CPU). A carried
 cell c_0 is folded into the first element, b_0 ← a_0 c_0 + b_0.
 
-Carried state, as Transformer-XL (see its module docstring): ``apply(vars, tokens, state, ...)`` returns
-``(logits, state)``; ``initial_state(cfg, batch)`` is all zeros; every leaf is batch-leading:
+The carry, as Transformer-XL's (see its module docstring): ``apply(vars, tokens, carry, ...)`` returns
+``(logits, carry)``; ``initial_carry(cfg, batch)`` is all zeros; every leaf is batch-leading:
 ``mems``/``valid`` for the A blocks, ``qrnn_cell`` (batch, n_Q, d_h) float32 (the cell c, not h) and
 ``qrnn_inputs`` (batch, n_Q, k_max − 1, d) -- the last inputs, so the convolution is continuous across
-segments. A and Q state advance in lock-step and are reset together. Without a state, memory is empty and
-c_0 = 0, x_{<0} = 0.
+segments. A and Q parts advance in lock-step and are reset together. With the empty carry, memory is
+empty and c_0 = 0, x_{<0} = 0.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ from lmu_jax.models.base import Family, dense_flops
 from lmu_jax.models.layers import DEFAULT_INIT, Dense, dtype_of, partitioned
 from lmu_jax.models.transformer_xl import (AdaptiveIO, FeedForward, LayerNorm, RelativeAttention, TransformerXLConfig,
                                            adaptive_io_flops, attention_flops_per_token, attention_mask,
-                                           feed_forward_flops_per_token, layer_biases, layer_memory, logits_and_state,
-                                           positional_embeddings, relative_bias_params, update_memory)
+                                           feed_forward_flops_per_token, layer_biases, layer_memory,
+                                           positional_embeddings, relative_bias_params, stacked_carry,
+                                           update_memory)
 
 SCANS = ("associative", "sequential")
 
@@ -238,55 +239,55 @@ class HybridLM(nn.Module):
         if n_attention:  # u, v shared by the A blocks (per block with untie_r), as Transformer-XL
             self.r_w_bias, self.r_r_bias = relative_bias_params(self, cfg, n_attention)
 
-    def __call__(self, tokens, state=None, *, train: bool = False):
+    def __call__(self, tokens, carry, *, train: bool = False):
+        """(logits, next carry); the empty carry is the stateless call (module docstring)."""
         cfg = self.cfg
         batch, seg_len = tokens.shape
-        mem_len = 0 if state is None or "mems" not in state else state["mems"].shape[2]
+        mem_len = carry["mems"].shape[2] if "mems" in carry else 0
         window = mem_len if (not train and cfg.same_length and mem_len) else 0
         h = self.drop(self.io.embed(tokens), deterministic=not train)
         if any(kind == "A" for kind, _ in cfg.blocks):
             pos_emb = self.drop(positional_embeddings(cfg, mem_len + seg_len, train=train), deterministic=not train)
-        new_state = {key: [] for key in (state or {})}
+        next_carry = {key: [] for key in carry}
         n_attention = n_qrnn = 0
         for (kind, block_window), block in zip(cfg.blocks, self.blocks):
             if kind == "A":
-                memory, valid = layer_memory(state, n_attention, batch)
+                memory, valid = layer_memory(carry, n_attention, batch)
                 u, v = layer_biases(cfg, self.r_w_bias, self.r_r_bias, n_attention)
                 out = block(h, memory, attention_mask(seg_len, mem_len, valid, window), pos_emb, u, v, train=train)
-                if state is not None:
+                if "mems" in carry:
                     memory, valid = update_memory(memory, valid, h)
-                    new_state["mems"].append(memory)
-                    new_state["valid"].append(valid)
+                    next_carry["mems"].append(memory)
+                    next_carry["valid"].append(valid)
                 h, n_attention = out, n_attention + 1
             elif kind == "F":
                 h = block(h, train=train)
-            else:
-                carry = None
-                if state is not None:
-                    carry = (state["qrnn_cell"][:, n_qrnn],
-                             state["qrnn_inputs"][:, n_qrnn, state["qrnn_inputs"].shape[2] - (block_window - 1):])
-                h, (cell, inputs) = block(h, carry, train=train)
-                if state is not None:
-                    inputs = jnp.pad(inputs, ((0, 0), (state["qrnn_inputs"].shape[2] - inputs.shape[1], 0), (0, 0)))
-                    new_state["qrnn_cell"].append(cell)
-                    new_state["qrnn_inputs"].append(inputs.astype(state["qrnn_inputs"].dtype))
+            elif "qrnn_cell" in carry:
+                kept = carry["qrnn_inputs"].shape[2]
+                h, (cell, inputs) = block(h, (carry["qrnn_cell"][:, n_qrnn],
+                                              carry["qrnn_inputs"][:, n_qrnn, kept - (block_window - 1):]), train=train)
+                inputs = jnp.pad(inputs, ((0, 0), (kept - inputs.shape[1], 0), (0, 0)))
+                next_carry["qrnn_cell"].append(cell)
+                next_carry["qrnn_inputs"].append(inputs.astype(carry["qrnn_inputs"].dtype))
                 n_qrnn += 1
-        return logits_and_state(self.io.logits(self.drop(h, deterministic=not train)), state, new_state)
+            else:  # the empty carry: c_0 = 0, x_{<0} = 0
+                h, _ = block(h, train=train)
+        return self.io.logits(self.drop(h, deterministic=not train)), stacked_carry(next_carry)
 
 
-def initial_state(cfg: HybridConfig, batch: int, evaluation: bool = False) -> dict:
+def initial_carry(cfg: HybridConfig, batch: int, evaluation: bool = False) -> dict:
     """All zeros: empty attention memories, zero QRNN cells and zero previous inputs."""
     dtype = dtype_of(cfg.dtype)
     n_attention = sum(kind == "A" for kind, _ in cfg.blocks)
     windows = [window for kind, window in cfg.blocks if kind == "Q"]
-    state = {}
+    carry = {}
     if n_attention:
-        state["mems"] = jnp.zeros((batch, n_attention, cfg.memory_length(evaluation), cfg.d_model), dtype)
-        state["valid"] = jnp.zeros((batch, n_attention), jnp.int32)
+        carry["mems"] = jnp.zeros((batch, n_attention, cfg.memory_length(evaluation), cfg.d_model), dtype)
+        carry["valid"] = jnp.zeros((batch, n_attention), jnp.int32)
     if windows:
-        state["qrnn_cell"] = jnp.zeros((batch, len(windows), cfg.qrnn_width), jnp.float32)
-        state["qrnn_inputs"] = jnp.zeros((batch, len(windows), max(windows) - 1, cfg.d_model), dtype)
-    return state
+        carry["qrnn_cell"] = jnp.zeros((batch, len(windows), cfg.qrnn_width), jnp.float32)
+        carry["qrnn_inputs"] = jnp.zeros((batch, len(windows), max(windows) - 1, cfg.d_model), dtype)
+    return carry
 
 
 def qrnn_flops_per_token(cfg: HybridConfig, window: int) -> float:
@@ -296,7 +297,7 @@ def qrnn_flops_per_token(cfg: HybridConfig, window: int) -> float:
 
 
 def forward_flops_per_token(cfg: HybridConfig, seq_len: int, carried: bool = True) -> float:
-    """A: Transformer-XL attention with memory mem_len when the state is carried (else none); F: 4·d·d_inner;
+    """A: Transformer-XL attention with memory mem_len when the carry is fed (else none); F: 4·d·d_inner;
     Q: as above (the carried cell and inputs cost nothing extra); plus the softmax."""
     mem_len = cfg.mem_len if carried else 0
     per_kind = {"A": lambda _: attention_flops_per_token(cfg, seq_len, mem_len),
@@ -308,5 +309,5 @@ def forward_flops_per_token(cfg: HybridConfig, seq_len: int, carried: bool = Tru
 FAMILIES = [
     Family("qrnn_hybrid", HybridConfig, HybridLM, forward_flops_per_token,
            "QRNN / attention / feed-forward stacks from a layer pattern (Attn-QRNN, PAR, Hybrid Transformer)",
-           initial_state=initial_state),
+           initial_carry=initial_carry),
 ]

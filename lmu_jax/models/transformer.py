@@ -78,10 +78,11 @@ class Transformer(nn.Module):
         return x
 
     @nn.compact
-    def __call__(self, tokens, *, train: bool = False):
+    def __call__(self, tokens, carry, *, train: bool = False):
+        """(logits, carry): stateless, the (empty) carry passes through (``Family.initial_carry``)."""
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         embedder = Embedder(cfg.vocab_size, cfg.d_model, cfg.tie_embeddings, dtype, name="embed")
-        return embedder.logits(Norm(dtype, name="norm_out")(self.trunk(embedder.embed(tokens))))
+        return embedder.logits(Norm(dtype, name="norm_out")(self.trunk(embedder.embed(tokens)))), carry
 
 
 def block_flops(cfg, attention: float) -> float:
@@ -92,8 +93,9 @@ def block_flops(cfg, attention: float) -> float:
         + attention
 
 
-def forward_flops_per_token(cfg: TransformerConfig, seq_len: int) -> float:
-    """Matmuls (QKV, output, MLP, unembedding) + causal attention; the embedding gather is free."""
+def forward_flops_per_token(cfg: TransformerConfig, seq_len: int, *, carried: bool = False) -> float:
+    """Matmuls (QKV, output, MLP, unembedding) + causal attention; the embedding gather is free. No carry,
+    so ``carried`` changes nothing."""
     d = cfg.d_model
     return cfg.n_layers * block_flops(cfg, attention_flops(d, seq_len)) + dense_flops(d, cfg.vocab_size)
 

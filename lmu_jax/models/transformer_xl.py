@@ -13,22 +13,22 @@ scripts). Embeddings are scaled by √d_model; dropout hits the word and the pos
 sublayer output, the FF hidden layer and the final hidden state. Keys and values of the memory rows are
 re-projected every segment (the reference also computes and discards their queries; we do not).
 
-Carried state (the interface for a trainer that feeds ordered contiguous streams):
+The carry (the memory a trainer feeds from segment to segment of ordered contiguous streams):
 
-    logits = model.apply(variables, tokens, train=..., rngs=...)                 no memory (a stream's first segment)
-    logits, state = model.apply(variables, tokens, state, train=..., rngs=...)   memory in, memory out
-    state = initial_state(cfg, batch, evaluation=False)                          an empty memory: all zeros
+    logits, carry = model.apply(variables, tokens, carry, train=..., rngs=...)   memory in, memory out
+    carry = initial_carry(cfg, batch, evaluation=False)                          an empty memory: all zeros
+    logits, {} = model.apply(variables, tokens, {}, train=..., rngs=...)         the empty carry: no memory
 
-``state`` is a dict of arrays whose leading axis is the batch row:
+The carry is a dict of arrays whose leading axis is the batch row:
 ``mems`` (batch, n_layers, M, d_model) -- each layer's input over the last M positions, oldest first;
 ``valid`` (batch, n_layers) int32 -- how many of those M rows hold real inputs (the rest are masked);
 ``age`` (batch, n_layers) int32, ``sch_txl`` only -- how many segments older than usual the memory is.
 A fresh stream is all zeros, so the trainer resets row b by zeroing row b of every leaf
-(``lmu_jax.models.reset_rows``). M is read from the state's shape, so evaluation may use a longer memory
-(``evaluation=True`` -> ``eval_mem_len``). Gradients never flow into the state (stop-gradient).
+(``lmu_jax.models.reset_rows``). M is read from the carry's shape, so evaluation may use a longer memory
+(``evaluation=True`` -> ``eval_mem_len``). Gradients never flow into the carry (stop-gradient).
 
 ``clamp_len`` and ``same_length`` act only when ``train=False`` (the reference run scripts pass them
-to eval.py only). The first segment of a stream with a zero state equals the stateless call.
+to eval.py only). The first segment of a stream with a zero carry equals the call with the empty one.
 
 Softmax: full (``adaptive_cutoffs=()``) or adaptive (Grave et al. 2017; Baevski & Auli 2019) with
 ``div_val``. The adaptive head returns normalised log-probabilities over the whole vocabulary, so the
@@ -388,19 +388,18 @@ def layer_biases(cfg, r_w_bias, r_r_bias, layer: int):
     return (r_w_bias[layer], r_r_bias[layer]) if cfg.untie_r else (r_w_bias, r_r_bias)
 
 
-def layer_memory(state, layer: int, batch: int):
-    """Attention layer ``layer``'s memory and count of valid rows; (None, zeros) without a state."""
-    if state is None:
+def layer_memory(carry, layer: int, batch: int):
+    """Attention layer ``layer``'s memory and count of valid rows; (None, zeros) where the carry holds no
+    memory (the empty carry)."""
+    if "mems" not in carry:
         return None, jnp.zeros((batch,), jnp.int32)
-    return state["mems"][:, layer], state["valid"][:, layer]
+    return carry["mems"][:, layer], carry["valid"][:, layer]
 
 
-def logits_and_state(logits, state, new_state: dict):
-    """What a carried-state model returns: logits alone for the stateless call (``state`` None), else
-    (logits, the per-layer lists of ``new_state`` stacked on axis 1 as ``initial_state`` lays them out)."""
-    if state is None:
-        return logits
-    return logits, {key: jnp.stack(values, axis=1) for key, values in new_state.items()}
+def stacked_carry(per_layer: dict) -> dict:
+    """The next carry: the per-layer lists of ``per_layer`` stacked on axis 1, as ``initial_carry`` lays
+    them out (the empty carry for empty lists)."""
+    return {key: jnp.stack(values, axis=1) for key, values in per_layer.items()}
 
 
 def update_memory(memory, valid, h):
@@ -421,10 +420,11 @@ class TransformerXL(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.r_w_bias, self.r_r_bias = relative_bias_params(self, cfg, cfg.n_layers)
 
-    def __call__(self, tokens, state=None, *, train: bool = False):
+    def __call__(self, tokens, carry, *, train: bool = False):
+        """(logits, next carry); the empty carry is the stateless call (module docstring)."""
         cfg = self.cfg
         batch, seg_len = tokens.shape
-        mem_len = 0 if state is None else state["mems"].shape[2]
+        mem_len = carry["mems"].shape[2] if "mems" in carry else 0
         klen = mem_len + seg_len
         window = mem_len if (not train and cfg.same_length and mem_len) else 0
         skip_probs = cfg.skip_probabilities() if train else (0.0,) * cfg.n_layers
@@ -434,10 +434,10 @@ class TransformerXL(nn.Module):
 
         h = self.drop(self.io.embed(tokens), deterministic=not train)
         pos_emb = self.drop(positional_embeddings(cfg, klen, train=train), deterministic=not train)
-        new_state = {key: [] for key in (state or {})}
+        next_carry = {key: [] for key in carry}
         for i in range(cfg.n_layers):
-            memory, valid = layer_memory(state, i, batch)
-            age = None if state is None or "age" not in state else state["age"][:, i]
+            memory, valid = layer_memory(carry, i, batch)
+            age = carry["age"][:, i] if "age" in carry else None
             key_skip = key_perm = None
             if skip_rng is not None:
                 key_skip, key_perm = jax.random.split(jax.random.fold_in(skip_rng, i))
@@ -456,10 +456,10 @@ class TransformerXL(nn.Module):
             else:
                 h, memory, valid, age = run(self, h, memory, valid, age)
             for key, value in (("mems", memory), ("valid", valid), ("age", age)):
-                if key in new_state:
-                    new_state[key].append(value)
+                if key in next_carry:
+                    next_carry[key].append(value)
 
-        return logits_and_state(self.io.logits(self.drop(h, deterministic=not train)), state, new_state)
+        return self.io.logits(self.drop(h, deterministic=not train)), stacked_carry(next_carry)
 
     def _run_layer(self, h, memory, valid, age, *, layer, mask, pos_emb, aged_pos_emb, head_perm, train):
         u, v = layer_biases(self.cfg, self.r_w_bias, self.r_r_bias, layer)
@@ -488,14 +488,14 @@ def cross_head_permutation(key, n_head: int, probability: float):
     return jnp.where(permute, jax.random.permutation(key_perm, n_head), jnp.arange(n_head))
 
 
-def initial_state(cfg: TransformerXLConfig, batch: int, evaluation: bool = False) -> dict:
+def initial_carry(cfg: TransformerXLConfig, batch: int, evaluation: bool = False) -> dict:
     """An empty memory for `batch` streams: all zeros (see the module docstring)."""
     mem_len = cfg.memory_length(evaluation)
-    state = {"mems": jnp.zeros((batch, cfg.n_layers, mem_len, cfg.d_model), dtype_of(cfg.dtype)),
+    carry = {"mems": jnp.zeros((batch, cfg.n_layers, mem_len, cfg.d_model), dtype_of(cfg.dtype)),
              "valid": jnp.zeros((batch, cfg.n_layers), jnp.int32)}
     if any(cfg.skip_probabilities()):
-        state["age"] = jnp.zeros((batch, cfg.n_layers), jnp.int32)
-    return state
+        carry["age"] = jnp.zeros((batch, cfg.n_layers), jnp.int32)
+    return carry
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +565,7 @@ def feed_forward_flops_per_token(cfg: TransformerXLConfig) -> float:
 def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int, carried: bool = True) -> float:
     """What one training segment computes: with the memory carried, M = mem_len rows every segment (the
     full memory is computed from a stream's first segment on, masked where it is still empty); without
-    (the stateless call), M = 0. The r_net projection of the klen positions (2·d·d_attn·klen per segment,
+    (the empty carry), M = 0. The r_net projection of the klen positions (2·d·d_attn·klen per segment,
     shared by the batch) is left out. SCH-TXL in phase 1 counts each layer times its probability of
     running, (1 − p_l)."""
     mem_len = cfg.mem_len if carried else 0
@@ -577,8 +577,8 @@ def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int, carried: boo
 FAMILIES = [
     Family("transformer_xl", TransformerXLConfig, TransformerXL, forward_flops_per_token,
            "Transformer-XL: segment memory, relative positions (AC+BD, rel_shift), adaptive softmax",
-           initial_state=initial_state),
+           initial_carry=initial_carry),
     Family("sch_txl", SkipCrossHeadConfig, TransformerXL, forward_flops_per_token,
            "Skip Cross-head Transformer-XL: skip-retain layers (phase 1) and cross-head K/V/R permutation",
-           initial_state=initial_state),
+           initial_carry=initial_carry),
 ]

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from lmu_jax.config import RunConfig, resolve_auto
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import model_flops_per_token, param_counts
-from lmu_jax.models import build_model, carries_state, get_family
+from lmu_jax.models import build_model, carries_state, initial_carry
 from lmu_jax.ops.memory import compiling_for
 from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, param_shardings,
                               replicated)
@@ -50,42 +50,40 @@ def check_batch(mesh: Mesh, rows: int, field: str = "train.batch_size", microbat
 
 def rows_sharded(fn, mesh: Mesh):
     """(shapes, shardings) of the batch-leading pytree ``fn()`` makes, its rows over the data-parallel
-    axes like the batch's: a family's carried state."""
+    axes like the batch's: a carry."""
     shapes = jax.eval_shape(fn)
     return shapes, jax.tree.map(lambda x: batch_sharding(mesh, ndim=x.ndim), shapes)
 
 
 class StateLayout:
     """A run's train state: shapes (``abstract``, with shardings), ``shardings``, ``optimizer``, and
-    ``init_state`` (to jit with ``out_shardings=shardings``). With a carried state (``carries_state``) the
-    state holds ``"carry"``: the family's ``initial_state`` for the global batch, rows sharded like it."""
+    ``init_state`` (to jit with ``out_shardings=shardings``). Its ``"carry"`` is the run's
+    (``lmu_jax.models.initial_carry``) for the global batch, rows sharded like it; empty for a run that
+    carries none."""
 
     def __init__(self, cfg: RunConfig, mesh: Mesh):
         model_cfg = cfg.resolved_model()
         model = build_model(model_cfg)
         dummy = jnp.zeros((1, cfg.data.seq_len), jnp.int32)
-        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy))["params"]
+        boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, {}))["params"]
         p_shardings = param_shardings(boxed, mesh)
         p_shapes = nn.meta.unbox(boxed)
         self.optimizer = optimizer = make_optimizer(cfg.optim, cfg.train.steps)
         opt_shapes = jax.eval_shape(optimizer.init, p_shapes)
         o_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_shapes, p_shardings,
                                             transform_non_params=lambda _: replicated(mesh))
-        self.shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings}
-        shapes = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes, "opt_state": opt_shapes}
-        seed, batch = cfg.train.seed, cfg.train.batch_size
-        initial_carry = None
-        if carries_state(model_cfg, cfg.data.order):
-            initial_carry = partial(get_family(model_cfg.family).initial_state, model_cfg, batch)
-            shapes["carry"], self.shardings["carry"] = rows_sharded(initial_carry, mesh)
-        self.abstract = abstract_like(shapes, self.shardings)
+        fresh_carry = partial(initial_carry, model_cfg, cfg.data.order, cfg.train.batch_size)
+        carry_shapes, carry_shardings = rows_sharded(fresh_carry, mesh)
+        self.shardings = {"step": replicated(mesh), "params": p_shardings, "opt_state": o_shardings,
+                          "carry": carry_shardings}
+        self.abstract = abstract_like({"step": jax.ShapeDtypeStruct((), jnp.int32), "params": p_shapes,
+                                       "opt_state": opt_shapes, "carry": carry_shapes}, self.shardings)
+        seed = cfg.train.seed
 
         def init_state():
-            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy))["params"]
-            state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params)}
-            if initial_carry is not None:
-                state["carry"] = initial_carry()
-            return state
+            params = nn.meta.unbox(model.init(jax.random.PRNGKey(seed), dummy, {}))["params"]
+            return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params),
+                    "carry": fresh_carry()}
 
         self.init_state = init_state
 
@@ -107,7 +105,6 @@ class Program:
         check_batch(mesh, cfg.train.batch_size, microbatches=cfg.train.microbatches)
         self.seq_len = cfg.data.seq_len
         self.model_cfg = cfg.resolved_model()
-        self.family = get_family(self.model_cfg.family)
         self.model = build_model(self.model_cfg)
         self.carried = carries_state(self.model_cfg, cfg.data.order)
         self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, carried=self.carried)
@@ -135,7 +132,7 @@ class Program:
 
     def step_input_shapes(self) -> tuple:
         """The train step's arguments after the state, as shapes with shardings: the global batch of
-        ``seq_len + 1`` token windows, and with a carried state the rows whose stream starts."""
+        ``seq_len + 1`` token windows, and where the run carries state the rows whose stream starts."""
         rows = self.cfg.train.batch_size
         batch = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
         if not self.carried:
@@ -148,18 +145,19 @@ class Program:
         with compiling_for(self.platform):
             return self.train_step.lower(self.abstract_state, *self.step_input_shapes())
 
-    def eval_step(self, carry_sharding=None):
-        """The jitted eval step (``step.eval_step``) on parameters sharded like the train state's; with
-        ``carry_sharding``, the sharding of the evaluation's carried state (``eval_carry``)."""
+    def eval_step(self, carry_sharding):
+        """The jitted eval step (``step.eval_step``) on parameters sharded like the train state's, for a
+        carry sharded as ``carry_sharding`` (``eval_carry``'s, or ``{}`` for the empty carry)."""
         return jax.jit(partial(eval_step, apply_fn=self.model.apply), donate_argnums=3,
                        in_shardings=(self.state_shardings["params"], self.batch_sharding, self.batch_sharding,
                                      carry_sharding),
                        out_shardings=(None, None, carry_sharding))
 
     def eval_carry(self, rows: int):
-        """(jitted function making the family's empty evaluation state for ``rows`` streams, its
-        sharding); only for a run that carries state."""
-        fresh = partial(self.family.initial_state, self.model_cfg, rows, evaluation=True)
+        """(jitted function making the evaluation's carry of ``rows`` fresh streams, its sharding): the
+        family's evaluation carry (e.g. Transformer-XL's ``eval_mem_len``) where the run carries state,
+        else the empty carry."""
+        fresh = partial(initial_carry, self.model_cfg, self.cfg.data.order, rows, evaluation=True)
         _, sharding = rows_sharded(fresh, self.mesh)
         return jax.jit(fresh, out_shardings=sharding), sharding
 
@@ -183,9 +181,9 @@ def _with_test_fault(step_fn):
         poison = jnp.where(state["step"] + 1 == bad_step, value, 0.0).astype(jnp.float32)
         poison_logits = (lambda x: poison_gradient(x, poison)) if "grad" in parts else (lambda x: x + poison)
 
-        def apply(*args, **kw):  # logits, or (logits, carried state)
-            out = apply_fn(*args, **kw)
-            return (poison_logits(out[0]), *out[1:]) if isinstance(out, tuple) else poison_logits(out)
+        def apply(*args, **kw):
+            logits, carry = apply_fn(*args, **kw)
+            return poison_logits(logits), carry
 
         return step_fn(state, *batch, apply_fn=apply, **kwargs)
 

@@ -12,6 +12,10 @@ newest verified one, so a verified checkpoint always survives. Disk use is ``kee
 while a new one awaits verification. Verifying costs one restore per checkpoint, done when the next one
 is saved (or at the end), and briefly holds a second copy of the state in device memory.
 
+The state is the trainer's ``{"step", "params", "opt_state", "carry"}``. A checkpoint written before the
+state always held ``"carry"`` has none where the run's carry is empty: it restores with the empty carry
+(the hash is the same, as an empty carry has no leaves).
+
 Restore goes newest first; a checkpoint that fails to restore or whose hash differs is reported, and
 the next older one is tried. Once an older one restores, the trainer sets the bad newer ones aside as
 ``<step>.unusable-<ms>`` (kept for inspection; orbax ignores the name) so the run can write those steps
@@ -140,7 +144,9 @@ class Checkpointer:
         if ckpt_cfg.async_save:  # orbax refuses async options (the test hook) on a synchronous manager
             options = dataclasses.replace(
                 options, async_options=ocp.AsyncOptions(post_finalization_callback=lambda: _before_commit()))
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        # handlers named up front, so that a checkpoint's layout can be read before restoring it (``_restore``)
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+            "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
         self.verified: set[int] = set()
         self.unverified: set[int] = set()  # read back wrong (or not at all) by this process
         self._pending = None  # (meta, abstract, state) of the async save in flight, not yet verified
@@ -267,14 +273,18 @@ class Checkpointer:
         """(state, meta) of ``step``; raises unless it restores on every process and its hash matches."""
         restored, error = None, None
         try:
+            without_carry = _saved_without_empty_carry(self.manager.item_metadata(step)["state"], abstract_state)
+            target = {k: v for k, v in abstract_state.items() if k != "carry"} if without_carry else abstract_state
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
         except Exception as err:  # corrupt, truncated or half-written
             error = err
         # every process must take the same branch: the hash below is a collective computation
         if not distributed.all_processes(error is None):
             raise error or RuntimeError("the checkpoint failed to restore on another process")
         state, meta = restored["state"], restored["meta"]
+        if without_carry:
+            state = dict(state, carry=abstract_state["carry"])  # the empty carry: no leaves, nothing to read
         got, stored = state_hash(state), meta.get("state_hash")  # none stored: unverifiable, refused
         if got != stored or (expected_hash is not None and stored != expected_hash):
             raise ValueError(f"state hash {got} does not match {stored} stored with step {step}")
@@ -339,6 +349,13 @@ class Checkpointer:
         distributed.barrier(f"checkpoint-set-aside-{step}")
         self.manager.reload()
         self.verified.discard(step)
+
+
+def _saved_without_empty_carry(saved, abstract_state) -> bool:
+    """Whether the checkpoint whose state's tree metadata is ``saved`` lacks the ``"carry"`` that
+    ``abstract_state`` holds empty (written before the train state always held one; module docstring)."""
+    return ("carry" in abstract_state and not jax.tree.leaves(abstract_state["carry"])
+            and "carry" not in saved)
 
 
 def abstract_like(tree, shardings):

@@ -9,17 +9,17 @@ same windows every time, so evaluations during training are comparable).
 of two protocols (docs/architectures.md, evaluation protocols), chosen by how the run trained:
 
 - ``memory``: a run that carries its family's state (Transformer-XL, SCH-TXL, QRNN hybrids on
-  ``data.order=streams``) reads the split as ``eval.streams`` contiguous streams in parallel, each from an
-  empty state, in segments of ``eval.seg_len``, with the family's evaluation state
-  (``initial_state(..., evaluation=True)``: Transformer-XL's ``eval_mem_len``; its ``same_length`` and
+  ``data.order=streams``) reads the split as ``eval.streams`` contiguous streams in parallel, each from a
+  fresh carry, in segments of ``eval.seg_len``, with the family's evaluation carry
+  (``initial_carry(..., evaluation=True)``: Transformer-XL's ``eval_mem_len``; its ``same_length`` and
   ``clamp_len`` act at evaluation by themselves);
 - ``sliding_window``: every other run, windows of ``data.seq_len`` every ``eval.stride`` tokens, each
   scoring the targets the previous one did not (so each with >= seq_len − stride tokens of context).
 
 Reported: loss in nats per token, bits per token, bits per byte of the scored text (= bits per
 character on enwik8/text8), token perplexity, and with ``eval.word_level`` the perplexity per word
-exp(total nats / words), words counted by ``lmu_jax.data.pipeline.word_count``. Both kinds run through
-one jitted step, so a stateless run compiles it once.
+exp(total nats / words), words counted by ``lmu_jax.data.pipeline.word_count``. The windows start from
+the empty carry; a run that carries none scores the split with that same jitted step, so it compiles once.
 """
 
 from __future__ import annotations
@@ -41,30 +41,29 @@ class Evaluator:
         cfg = program.cfg
         self.cfg, self.model_cfg, self.cache = cfg, program.model_cfg, cache
         ev, seq_len = cfg.eval, cfg.data.seq_len
-        self.memory = program.carried
+        self.carried = program.carried
         self.rows = program.batch_sharding
-        self.split_batch = (ev.streams or cfg.train.batch_size) if self.memory else cfg.train.batch_size
+        self.split_batch = (ev.streams or cfg.train.batch_size) if self.carried else cfg.train.batch_size
         check_batch(program.mesh, self.split_batch, "eval.streams")
-        self.length = (ev.seg_len or seq_len) if self.memory else seq_len
+        self.length = (ev.seg_len or seq_len) if self.carried else seq_len
         self.stride = ev.stride or max(1, seq_len // 2)
         tokens = cache.tokens(ev.split)
         self.split_tokens = tokens[:ev.max_tokens + 1] if ev.max_tokens else tokens
         if len(self.split_tokens) < self.length + 1:
             raise bad_value("eval.max_tokens" if ev.max_tokens else "eval.split", ev.max_tokens or ev.split,
                             f"a split or a cap of at least {self.length} targets (one window of the evaluation)")
-        self.steps = {False: program.eval_step()}  # carried state or not -> the jitted eval step
-        if self.memory:
-            self.fresh_state, carry_sharding = program.eval_carry(self.split_batch)
-            self.steps[True] = program.eval_step(carry_sharding)
+        self.window_step = program.eval_step({})
+        self.split_carry, carry_sharding = program.eval_carry(self.split_batch)
+        self.split_step = program.eval_step(carry_sharding) if self.carried else self.window_step
 
-    def _scored(self, params, batches, batch: int, carry=None) -> tuple[np.ndarray, np.ndarray]:
-        """Loss summed at each position over the scored rows of all batches, and the counts there."""
+    def _scored(self, step, params, batches, batch: int, carry) -> tuple[np.ndarray, np.ndarray]:
+        """Loss summed at each position over the scored rows of all batches (through the jitted eval
+        ``step``, from ``carry``), and the counts there."""
         mine = process_rows(batch, jax.process_index(), jax.process_count())
         sums = counts = 0.0
-        step = self.steps[carry is not None]
         for rows, mask in batches:
             loss_sums, scored, carry = step(params, to_global_array(rows[mine], self.rows),
-                                                 to_global_array(mask[mine], self.rows), carry)
+                                            to_global_array(mask[mine], self.rows), carry)
             sums = sums + np.asarray(jax.device_get(loss_sums), np.float64)
             counts = counts + np.asarray(jax.device_get(scored), np.int64)
         return sums, counts
@@ -77,8 +76,8 @@ class Evaluator:
         padded = math.ceil(count / batch) * batch
         windows = np.concatenate([windows, np.repeat(windows[:1], padded - count, axis=0)])
         mask = np.repeat((np.arange(padded) < count)[:, None], seq_len, axis=1)  # padding rows score nothing
-        sums, counts = self._scored(params, ((windows[i:i + batch], mask[i:i + batch])
-                                             for i in range(0, padded, batch)), batch)
+        sums, counts = self._scored(self.window_step, params, ((windows[i:i + batch], mask[i:i + batch])
+                                                               for i in range(0, padded, batch)), batch, {})
         per_position = sums / counts
         loss = float(per_position.mean())
         bits_per_token = loss / math.log(2)
@@ -88,19 +87,18 @@ class Evaluator:
 
     def split(self, params) -> dict:
         """The whole split, every target once (module docstring)."""
-        if self.memory:
+        if self.carried:
             batches = stream_eval_batches(self.split_tokens, self.split_batch, self.length)
-            sums, counts = self._scored(params, batches, self.split_batch, self.fresh_state())
         else:
             batches = sliding_window_batches(self.split_tokens, self.length, self.stride, self.split_batch)
-            sums, counts = self._scored(params, batches, self.split_batch)
+        sums, counts = self._scored(self.split_step, params, batches, self.split_batch, self.split_carry())
         nats, targets = float(sums.sum()), int(counts.sum())
         loss = nats / targets
         text = self.cache.tokenizer().decode(np.asarray(self.split_tokens[1:]))  # the scored targets
-        result = {"protocol": "memory" if self.memory else "sliding_window", "split": self.cfg.eval.split,
+        result = {"protocol": "memory" if self.carried else "sliding_window", "split": self.cfg.eval.split,
                   "targets": targets, "loss": loss, "bits_per_token": loss / math.log(2),
                   "bits_per_byte": nats / math.log(2) / len(text), "perplexity": math.exp(loss)}
-        if self.memory:
+        if self.carried:
             # the result states its evaluation context
             result.update(streams=self.split_batch, segment_length=self.length, **self.model_cfg.eval_context())
         else:

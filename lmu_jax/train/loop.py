@@ -4,12 +4,13 @@ config -> program (mesh, model, shardings, jitted steps: lmu_jax/train/builder.p
 resume or init -> steps -> delayed metrics -> checkpoints -> eval -> DONE. See docs/architecture.md,
 "The data flow of a run".
 
-Carried state (Transformer-XL memory, QRNN cells): a family declares it (``Family.initial_state``); a run
+The carry (Transformer-XL memory, QRNN cells): a family declares one (``Family.initial_carry``); a run
 on ``data.order=streams`` then keeps it in the train state as ``"carry"`` (sharded like the batch,
 checkpointed, so a resume is bitwise the uninterrupted run), feeds it to every step and resets the rows
-where a stream starts. The trainer names no family. ``train.init_from`` starts a run from another run's
-parameters (training by phases, e.g. SCH-TXL phase 2 after phase 1); ``train.branch_from`` continues a
-wsd run's checkpoint with its optimizer state and step to a shorter horizon (a cooldown branch).
+where a stream starts; every other run's carry is the empty one. The trainer names no family.
+``train.init_from`` starts a run from another run's parameters (training by phases, e.g. SCH-TXL phase 2
+after phase 1); ``train.branch_from`` continues a wsd run's checkpoint with its optimizer state and step
+to a shorter horizon (a cooldown branch).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def open_data(cfg: RunConfig):
 
 class StepInputs:
     """``inputs(step)``: the train step's arguments after the state, as global arrays (each process
-    builds its own rows): the batch of ``program.step_input_shapes()``, and with a carried state the
+    builds its own rows): the batch of ``program.step_input_shapes()``, and where the run carries state the
     rows whose stream starts at this step. A pure function of the step, from the run's batcher."""
 
     def __init__(self, program: Program, cache):
@@ -114,7 +115,7 @@ class Trainer:
 
     def fresh_state(self):
         """The state at step 0: initialised, or with ``train.init_from``'s parameters (training by phases;
-        the optimizer, step and carried state stay fresh). The source is checked before anything compiles."""
+        the optimizer, step and carry stay fresh). The source is checked before anything compiles."""
         if self.cfg.train.branch_from:
             return self.branch_state()
         source = self.cfg.train.init_from

@@ -50,10 +50,10 @@ def test_inf_gradient_with_a_finite_loss_also_stops(tmp_path, kjv_cache, capsys,
     print("FAULT Inf gradient at step 3 (stop): exit 3 before any checkpoint")
 
 
-CARRIED_STATE_MODEL = {"family": "transformer_xl", "d_model": 16, "n_layers": 1, "n_head": 2, "dropout": 0.0}
+CARRY_MODEL = {"family": "transformer_xl", "d_model": 16, "n_layers": 1, "n_head": 2, "dropout": 0.0}
 
 
-@pytest.mark.parametrize("model", [None, CARRIED_STATE_MODEL], ids=["stateless", "carried_state"])
+@pytest.mark.parametrize("model", [None, CARRY_MODEL], ids=["empty_carry", "carry"])
 def test_skip_drops_the_update_logs_it_and_goes_on(tmp_path, kjv_cache, caplog, monkeypatch, capsys, model):
     raw = tiny_config(kjv_cache, train={"steps": 8, "nonfinite": "skip"}, checkpoint={"every": 1, "keep": 8},
                       log={"every": 4})
@@ -72,7 +72,7 @@ def test_skip_drops_the_update_logs_it_and_goes_on(tmp_path, kjv_cache, caplog, 
     assert logged[8]["finite"] is True and math.isfinite(logged[8]["loss"])
     cfg = config_from_dict(raw)
     before, after = state_leaves(run, cfg, step=5), state_leaves(run, cfg, step=6)
-    for x, y in zip(before[:-1], after[:-1]):  # parameters, optimizer (and carried) state: untouched by step 6
+    for x, y in zip(before[:-1], after[:-1]):  # parameters, optimizer state (and carry): untouched by step 6
         np.testing.assert_array_equal(x, y)
     assert (before[-1], after[-1]) == (5, 6)
     seven = state_leaves(run, cfg, step=7)
