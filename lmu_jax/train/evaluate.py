@@ -2,13 +2,13 @@
 whole split (eval.json's ``split_eval``).
 
 ``windows``: ``data.val_windows`` windows of ``data.seq_len`` spread evenly over the validation split, each
-from an empty state: mean loss, bits per token and byte, loss at each position (one curve per run, the
+from the empty carry: mean loss, bits per token and byte, loss at each position (one curve per run, the
 same windows every time, so evaluations during training are comparable).
 
 ``split``: every target of ``eval.split`` (or of its first ``eval.max_tokens``) scored exactly once, by one
 of two protocols (docs/architectures.md, evaluation protocols), chosen by how the run trained:
 
-- ``memory``: a run that carries its family's state (Transformer-XL, SCH-TXL, QRNN hybrids on
+- ``memory``: a run that feeds its family's carry (Transformer-XL, SCH-TXL, QRNN hybrids on
   ``data.order=streams``) reads the split as ``eval.streams`` contiguous streams in parallel, each from a
   fresh carry, in segments of ``eval.seg_len``, with the family's evaluation carry
   (``initial_carry(..., evaluation=True)``: Transformer-XL's ``eval_mem_len``; its ``same_length`` and
