@@ -27,10 +27,10 @@ from lmu_jax.models import build_model, get_family
 EMBEDDING_AXES = ("vocab", "position")
 
 
-def model_flops_per_token(cfg, seq_len: int, *, carried: bool) -> float:
+def model_flops_per_token(cfg, seq_len: int, *, feeds_carry: bool) -> float:
     """Training FLOPs per token: 3 × the family's analytic forward count, as the trainer computes it:
-    ``carried`` (``lmu_jax.models.carries_state``) says whether the run feeds the family's carry."""
-    return 3.0 * get_family(cfg.family).forward_flops_per_token(cfg, seq_len, carried=carried)
+    ``feeds_carry`` (``lmu_jax.models.feeds_carry``) says whether the run feeds the family's carry."""
+    return 3.0 * get_family(cfg.family).forward_flops_per_token(cfg, seq_len, feeds_carry=feeds_carry)
 
 
 def kaplan_flops_per_token(non_embedding_params: int) -> float:

@@ -19,7 +19,7 @@ from lmu_jax.config import OptimConfig, config_from_dict
 from lmu_jax.data.pipeline import StreamBatcher, word_count
 from lmu_jax.errors import UserError
 from lmu_jax.flops import model_flops_per_token
-from lmu_jax.models import carries_state, data_order, reset_rows
+from lmu_jax.models import data_order, feeds_carry, reset_rows
 from lmu_jax.models.transformer_xl import TransformerXL, TransformerXLConfig, initial_carry
 from lmu_jax.sizing import solve
 from lmu_jax.sweep.spec import parse_spec, plan_family
@@ -88,9 +88,9 @@ def test_flops_count_what_each_data_order_computes():
     """Carried: every segment computes mem_len memory rows; shuffled (stateless): none. The trainer, the
     `flops` table and sweep plans use the same count."""
     cfg = solve("transformer_xl", 200_000, seq_len=128).resolved(258, 128)
-    carried, stateless = (model_flops_per_token(cfg, 128, carried=c) for c in (True, False))
+    carried, stateless = (model_flops_per_token(cfg, 128, feeds_carry=c) for c in (True, False))
     assert 1.3 < carried / stateless < 1.45, carried / stateless  # what the stateless trainer was charged
-    assert data_order(cfg, "auto") == "streams" and carries_state(cfg, "auto") and not carries_state(cfg, "shuffled")
+    assert data_order(cfg, "auto") == "streams" and feeds_carry(cfg, "auto") and not feeds_carry(cfg, "shuffled")
     for order, expected in (("streams", carried), ("shuffled", stateless)):
         spec = parse_spec({"families": ["transformer_xl"], "sizes": [200_000], "budgets": {"flops": [1e12]},
                            "base": {"data": {"seq_len": 128, "order": order}}})
@@ -130,7 +130,7 @@ def phase1(tmp_path_factory, kjv_cache, compile_cache):
                     "skip_prob_scale": 1.0, "ch_prob": 0.5}
     with persistent_compile_cache(compile_cache):  # the trainers of the tests below compile from it
         trainer = Trainer(config_from_dict(raw), tmp_path_factory.mktemp("phase1") / "run")
-        assert trainer.program.carried and set(trainer.program.abstract_state["carry"]) == {"mems", "valid", "age"}
+        assert trainer.program.feeds_carry and set(trainer.program.abstract_state["carry"]) == {"mems", "valid", "age"}
         trainer.train()
         yield raw, trainer
 

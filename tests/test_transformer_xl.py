@@ -432,7 +432,7 @@ def test_analytic_flops_match_xla(with_memory):
         xla = xla_flops(forward.lower(params, tokens, initial_carry(cfg, batch)).compile())
     else:  # the empty carry: no memory rows computed
         xla = xla_flops(jax.jit(lambda p, t: model.apply({"params": p}, t, {})[0]).lower(params, tokens).compile())
-    analytic = forward_flops_per_token(cfg, seg_len, carried=with_memory) * batch * seg_len
+    analytic = forward_flops_per_token(cfg, seg_len, feeds_carry=with_memory) * batch * seg_len
     assert 0.95 < xla / analytic < 1.15, (xla, analytic)
 
 

@@ -47,7 +47,7 @@ def data_order(model_cfg: ModelConfig, order: str) -> str:
     return "streams" if get_family(model_cfg.family).has_carry else "shuffled"
 
 
-def carries_state(model_cfg: ModelConfig, order: str) -> bool:
+def feeds_carry(model_cfg: ModelConfig, order: str) -> bool:
     """Whether a run feeds the family's carry from window to window: the family has one and the data come
     as streams."""
     return get_family(model_cfg.family).has_carry and data_order(model_cfg, order) == "streams"
@@ -56,7 +56,7 @@ def carries_state(model_cfg: ModelConfig, order: str) -> bool:
 def initial_carry(model_cfg: ModelConfig, order: str, batch: int, evaluation: bool = False):
     """The carry of `batch` fresh streams as a run on data order `order` feeds it: the family's
     (``Family.initial_carry``) where the run carries state, else the empty one (``no_carry``)."""
-    make = get_family(model_cfg.family).initial_carry if carries_state(model_cfg, order) else no_carry
+    make = get_family(model_cfg.family).initial_carry if feeds_carry(model_cfg, order) else no_carry
     return make(model_cfg, batch, evaluation)
 
 

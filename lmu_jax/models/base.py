@@ -72,7 +72,7 @@ class Family:
     name: str
     config_cls: type  # a frozen dataclass subclassing ModelConfig
     build: Callable[[ModelConfig], Any]  # resolved config -> linen module
-    # (cfg, seq_len, carried=...) -> analytic forward FLOPs per token; ``carried`` says whether the run
+    # (cfg, seq_len, feeds_carry=...) -> analytic forward FLOPs per token; ``feeds_carry`` says whether the run
     # feeds the family's carry (so that e.g. Transformer-XL's memory rows are computed)
     forward_flops_per_token: Callable[..., float]
     description: str = ""

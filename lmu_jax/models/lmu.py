@@ -351,11 +351,12 @@ def memory_flops_per_token(cfg: LMUConfig, seq_len: int, impl: str = "fft") -> f
     raise ValueError(f"impl must be one of fft, chunked, sequential; got {impl!r}")
 
 
-def forward_flops_per_token(cfg: LMUConfig, seq_len: int, memory_impl: str = "fft", *, carried: bool = False) -> float:
+def forward_flops_per_token(cfg: LMUConfig, seq_len: int, memory_impl: str = "fft", *,
+                            feeds_carry: bool = False) -> float:
     """Analytic forward FLOPs per token: Table 2 per layer (memory by ``memory_impl``, default the
     FFT path the paper counts), FFNs at 4dd' each (two per ``lmu`` block, one per ``lmu_attn`` block,
     whose first sub-block is QKV/output projections + causal attention), and the unembedding. No carry,
-    so ``carried`` changes nothing."""
+    so ``feeds_carry`` changes nothing."""
     d = cfg.d_model
     terms = table2_flops(d, cfg.order, cfg.reduced_order, seq_len, cfg.ff_width)
     one_ffn = dense_flops(d, cfg.ff_width) + dense_flops(cfg.ff_width, d)

@@ -262,10 +262,10 @@ def generate_step(cfg: LSTMConfig, params, state, token):
     return LSTMLanguageModel(cfg).apply({"params": params}, token, state, method="step")
 
 
-def forward_flops_per_token(cfg: LSTMConfig, seq_len: int, *, carried: bool = False) -> float:
+def forward_flops_per_token(cfg: LSTMConfig, seq_len: int, *, feeds_carry: bool = False) -> float:
     """Gate matmuls 2·4·(d_in + d_out)·d_hidden per layer (input and recurrent), the projection
     2·d_hidden·d_proj, the unembedding. Element-wise gate arithmetic is excluded (convention). No carry,
-    so ``carried`` changes nothing."""
+    so ``feeds_carry`` changes nothing."""
     d_h, d_out = cfg.d_model, cfg.d_out
     per_layer = dense_flops(d_out + d_out, 4 * d_h) + (dense_flops(d_h, cfg.d_proj) if cfg.d_proj else 0.0)
     return cfg.n_layers * per_layer + dense_flops(d_out, cfg.vocab_size)

@@ -241,11 +241,11 @@ def scale_lengths(cfg: MultiscaleConfig, seq_len: int) -> list[int]:
     return lengths
 
 
-def forward_flops_per_token(cfg: MultiscaleConfig, seq_len: int, *, carried: bool = False) -> float:
+def forward_flops_per_token(cfg: MultiscaleConfig, seq_len: int, *, feeds_carry: bool = False) -> float:
     """Per fine token: each layer at its own scale's length, weighted by that length / seq_len; linear
     pool/upsample; the unembedding. Retina: the keys are the tokens plus every pooled block, attended
     densely under the mask (which is what runs), counted causally like the transformer. No carry, so
-    ``carried`` changes nothing."""
+    ``feeds_carry`` changes nothing."""
     d, k = cfg.d_model, cfg.pool_factor
     if cfg.topology == "retina":
         keys = seq_len + sum(-(-seq_len // k**level) for level in range(1, len(cfg.retina_spans)))

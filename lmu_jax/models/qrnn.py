@@ -296,10 +296,10 @@ def qrnn_flops_per_token(cfg: HybridConfig, window: int) -> float:
     return dense_flops(window * d, 3 * d_h) + (dense_flops(d_h, d) if d_h != d else 0.0)
 
 
-def forward_flops_per_token(cfg: HybridConfig, seq_len: int, carried: bool = True) -> float:
+def forward_flops_per_token(cfg: HybridConfig, seq_len: int, feeds_carry: bool = True) -> float:
     """A: Transformer-XL attention with memory mem_len when the carry is fed (else none); F: 4·d·d_inner;
     Q: as above (the carried cell and inputs cost nothing extra); plus the softmax."""
-    mem_len = cfg.mem_len if carried else 0
+    mem_len = cfg.mem_len if feeds_carry else 0
     per_kind = {"A": lambda _: attention_flops_per_token(cfg, seq_len, mem_len),
                 "F": lambda _: feed_forward_flops_per_token(cfg),
                 "Q": lambda window: qrnn_flops_per_token(cfg, window)}

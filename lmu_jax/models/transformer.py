@@ -93,9 +93,9 @@ def block_flops(cfg, attention: float) -> float:
         + attention
 
 
-def forward_flops_per_token(cfg: TransformerConfig, seq_len: int, *, carried: bool = False) -> float:
+def forward_flops_per_token(cfg: TransformerConfig, seq_len: int, *, feeds_carry: bool = False) -> float:
     """Matmuls (QKV, output, MLP, unembedding) + causal attention; the embedding gather is free. No carry,
-    so ``carried`` changes nothing."""
+    so ``feeds_carry`` changes nothing."""
     d = cfg.d_model
     return cfg.n_layers * block_flops(cfg, attention_flops(d, seq_len)) + dense_flops(d, cfg.vocab_size)
 

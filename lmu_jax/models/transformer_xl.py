@@ -562,13 +562,13 @@ def feed_forward_flops_per_token(cfg: TransformerXLConfig) -> float:
     return dense_flops(cfg.d_model, cfg.ff_width) + dense_flops(cfg.ff_width, cfg.d_model)
 
 
-def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int, carried: bool = True) -> float:
+def forward_flops_per_token(cfg: TransformerXLConfig, seq_len: int, feeds_carry: bool = True) -> float:
     """What one training segment computes: with the memory carried, M = mem_len rows every segment (the
     full memory is computed from a stream's first segment on, masked where it is still empty); without
     (the empty carry), M = 0. The r_net projection of the klen positions (2·d·d_attn·klen per segment,
     shared by the batch) is left out. SCH-TXL in phase 1 counts each layer times its probability of
     running, (1 − p_l)."""
-    mem_len = cfg.mem_len if carried else 0
+    mem_len = cfg.mem_len if feeds_carry else 0
     per_layer = attention_flops_per_token(cfg, seq_len, mem_len) + feed_forward_flops_per_token(cfg)
     run_probability = sum(1.0 - p for p in cfg.skip_probabilities())
     return run_probability * per_layer + adaptive_io_flops(cfg)

@@ -77,7 +77,7 @@ from pathlib import Path
 
 from lmu_jax.config import OptimConfig, RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.errors import UserError, bad_value
-from lmu_jax.models import FAMILIES, carries_state
+from lmu_jax.models import FAMILIES, feeds_carry
 
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
              "evals_per_run", "base", "family_overrides", "run_overrides", "throughput", "seeds", "branches",
@@ -539,7 +539,7 @@ class _Planner:
 
         probe, model_cfg, counts = self._probe(run_raw)
         flops_per_token = model_flops_per_token(model_cfg, probe.data.seq_len,
-                                                carried=carries_state(model_cfg, probe.data.order))
+                                                feeds_carry=feeds_carry(model_cfg, probe.data.order))
         tokens_per_step = probe.train.batch_size * probe.data.seq_len
         per_step = tokens_per_step * (flops_per_token if budget.kind == "flops" else 1.0)
         steps = round(budget.value / per_step)

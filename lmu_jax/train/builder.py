@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from lmu_jax.config import RunConfig, resolve_auto
 from lmu_jax.errors import bad_value
 from lmu_jax.flops import model_flops_per_token, param_counts
-from lmu_jax.models import build_model, carries_state, initial_carry
+from lmu_jax.models import build_model, feeds_carry, initial_carry
 from lmu_jax.ops.memory import compiling_for
 from lmu_jax.sharding import (batch_sharding, check_sufficiently_sharded, data_parallel_size, param_shardings,
                               replicated)
@@ -106,8 +106,8 @@ class Program:
         self.seq_len = cfg.data.seq_len
         self.model_cfg = cfg.resolved_model()
         self.model = build_model(self.model_cfg)
-        self.carried = carries_state(self.model_cfg, cfg.data.order)
-        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, carried=self.carried)
+        self.feeds_carry = feeds_carry(self.model_cfg, cfg.data.order)
+        self.flops_per_token = model_flops_per_token(self.model_cfg, self.seq_len, feeds_carry=self.feeds_carry)
         self.tokens_per_step = cfg.train.batch_size * self.seq_len
 
         layout = StateLayout(cfg, mesh)
@@ -121,7 +121,7 @@ class Program:
         step = partial(_with_test_fault(train_step), apply_fn=self.model.apply, optimizer=self.optimizer,
                        microbatches=cfg.train.microbatches, seed=cfg.train.seed,
                        skip_nonfinite=cfg.train.nonfinite == "skip", schedule=self.schedule)
-        inputs = (self.batch_sharding, self.weight_sharding) if self.carried else (self.batch_sharding,)
+        inputs = (self.batch_sharding, self.weight_sharding) if self.feeds_carry else (self.batch_sharding,)
         self.train_step = jax.jit(step, in_shardings=(self.state_shardings, *inputs),
                                   out_shardings=(self.state_shardings, replicated(mesh)), donate_argnums=0)
 
@@ -135,7 +135,7 @@ class Program:
         ``seq_len + 1`` token windows, and where the run carries state the rows whose stream starts."""
         rows = self.cfg.train.batch_size
         batch = jax.ShapeDtypeStruct((rows, self.seq_len + 1), jnp.int32, sharding=self.batch_sharding)
-        if not self.carried:
+        if not self.feeds_carry:
             return (batch,)
         return batch, jax.ShapeDtypeStruct((rows,), jnp.bool_, sharding=self.weight_sharding)
 

@@ -104,16 +104,16 @@ def cmd_eval(args) -> int:
 
 def flops_table(cfg) -> list[tuple[str, str]]:
     from lmu_jax.flops import kaplan_flops_per_token, model_flops_per_token, param_counts
-    from lmu_jax.models import carries_state, data_order
+    from lmu_jax.models import data_order, feeds_carry
 
     model_cfg = cfg.resolved_model()
     counts = param_counts(model_cfg, cfg.data.seq_len)
-    carried = carries_state(model_cfg, cfg.data.order)
-    train_flops = model_flops_per_token(model_cfg, cfg.data.seq_len, carried=carried)
+    feeds = feeds_carry(model_cfg, cfg.data.order)
+    train_flops = model_flops_per_token(model_cfg, cfg.data.seq_len, feeds_carry=feeds)
     tokens = cfg.train.steps * cfg.train.batch_size * cfg.data.seq_len
     return [
         ("family", model_cfg.family),
-        ("data order", data_order(model_cfg, cfg.data.order) + (" (state carried)" if carried else "")),
+        ("data order", data_order(model_cfg, cfg.data.order) + (" (state carried)" if feeds else "")),
         ("vocab_size", f"{model_cfg.vocab_size}"),
         ("params (total)", f"{counts['total']:,}"),
         ("params (non-embedding, N)", f"{counts['non_embedding']:,}"),

@@ -41,11 +41,11 @@ class Evaluator:
         cfg = program.cfg
         self.cfg, self.model_cfg, self.cache = cfg, program.model_cfg, cache
         ev, seq_len = cfg.eval, cfg.data.seq_len
-        self.carried = program.carried
+        self.feeds_carry = program.feeds_carry
         self.rows = program.batch_sharding
-        self.split_batch = (ev.streams or cfg.train.batch_size) if self.carried else cfg.train.batch_size
+        self.split_batch = (ev.streams or cfg.train.batch_size) if self.feeds_carry else cfg.train.batch_size
         check_batch(program.mesh, self.split_batch, "eval.streams")
-        self.length = (ev.seg_len or seq_len) if self.carried else seq_len
+        self.length = (ev.seg_len or seq_len) if self.feeds_carry else seq_len
         self.stride = ev.stride or max(1, seq_len // 2)
         tokens = cache.tokens(ev.split)
         self.split_tokens = tokens[:ev.max_tokens + 1] if ev.max_tokens else tokens
@@ -54,7 +54,7 @@ class Evaluator:
                             f"a split or a cap of at least {self.length} targets (one window of the evaluation)")
         self.window_step = program.eval_step({})
         self.split_carry, carry_sharding = program.eval_carry(self.split_batch)
-        self.split_step = program.eval_step(carry_sharding) if self.carried else self.window_step
+        self.split_step = program.eval_step(carry_sharding) if self.feeds_carry else self.window_step
 
     def _scored(self, step, params, batches, batch: int, carry) -> tuple[np.ndarray, np.ndarray]:
         """Loss summed at each position over the scored rows of all batches (through the jitted eval
@@ -87,7 +87,7 @@ class Evaluator:
 
     def split(self, params) -> dict:
         """The whole split, every target once (module docstring)."""
-        if self.carried:
+        if self.feeds_carry:
             batches = stream_eval_batches(self.split_tokens, self.split_batch, self.length)
         else:
             batches = sliding_window_batches(self.split_tokens, self.length, self.stride, self.split_batch)
@@ -95,10 +95,10 @@ class Evaluator:
         nats, targets = float(sums.sum()), int(counts.sum())
         loss = nats / targets
         text = self.cache.tokenizer().decode(np.asarray(self.split_tokens[1:]))  # the scored targets
-        result = {"protocol": "memory" if self.carried else "sliding_window", "split": self.cfg.eval.split,
+        result = {"protocol": "memory" if self.feeds_carry else "sliding_window", "split": self.cfg.eval.split,
                   "targets": targets, "loss": loss, "bits_per_token": loss / math.log(2),
                   "bits_per_byte": nats / math.log(2) / len(text), "perplexity": math.exp(loss)}
-        if self.carried:
+        if self.feeds_carry:
             # the result states its evaluation context
             result.update(streams=self.split_batch, segment_length=self.length, **self.model_cfg.eval_context())
         else:

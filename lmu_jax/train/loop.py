@@ -75,7 +75,7 @@ class StepInputs:
     def __call__(self, step: int) -> tuple:
         where, program = (step, jax.process_index(), jax.process_count()), self.program
         batch = to_global_array(self.batcher.local_batch(*where), program.batch_sharding)
-        if not program.carried:
+        if not program.feeds_carry:
             return (batch,)
         return batch, to_global_array(self.batcher.local_starts(*where), program.weight_sharding)
 
