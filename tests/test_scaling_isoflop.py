@@ -149,6 +149,25 @@ def write_table(path, N, D, C, loss):
     return str(path)
 
 
+def test_runs_far_from_the_minimum_are_outside_the_parabola_and_the_interval_stays_local():
+    """A profile is a parabola only near its minimum: two runs 16x and 32x above the optimum, where the
+    loss climbs far faster than the parabola through the near runs, are kept but not fitted, and the
+    optimum and its interval are those of the near runs."""
+    C = np.array([1e19])
+    N, D, Cs, loss = isoflop_runs(C, ladder=np.geomspace(1 / 4, 4, 5), noise=0.003, seed=3)
+    near = fit_isoflop(N, D, Cs, loss, bootstrap=200)
+    n_opt = LAW.compute_optimal(C[0])[0]
+    far_N = n_opt * np.array([16.0, 32.0])
+    far_loss = LAW.loss(far_N, C[0] / (6 * far_N)) + np.array([0.4, 0.9])
+    both = fit_isoflop(np.r_[N, far_N], np.r_[D, C[0] / (6 * far_N)], np.r_[Cs, C[0], C[0]], np.r_[loss, far_loss],
+                       bootstrap=200)
+    (budget,) = both.budgets
+    assert budget.fitted.tolist() == [True] * 5 + [False] * 2
+    assert budget.N_opt == pytest.approx(near.budgets[0].N_opt, rel=1e-9)
+    lo, hi = budget.ci["N_opt"]
+    assert lo <= n_opt <= hi and hi / lo < 3  # a residual bootstrap: the sizes stay, the scatter is redrawn
+
+
 def test_fit_isoflop_command_prints_optima_exponents_and_writes_json(tmp_path, capsys):
     table = write_table(tmp_path / "iso.csv", *isoflop_runs(np.geomspace(1e18, 1e21, 6)))
     out = tmp_path / "iso.json"

@@ -253,9 +253,11 @@ def isoflop(entries: list, out_dir) -> list[Path]:
         shades = size_shades(b.C for b in fit.budgets)
         for b in fit.budgets:
             color = family_color(family, shades[b.C])
-            ax.plot(b.N, b.loss, "o", color=color, ms=5,
+            ax.plot(b.N[b.fitted], b.loss[b.fitted], "o", color=color, ms=5,
                     label=f"{label(family)}, C = {b.C:.2g}" + ("" if b.bracketed else " (not bracketed)"))
-            span = np.geomspace(b.N.min(), b.N.max(), 100)  # the parabola is local: drawn over its ladder only
+            ax.plot(b.N[~b.fitted], b.loss[~b.fitted], "o", mfc="none", color=color, ms=5)  # outside the window
+            fitted = b.N[b.fitted]
+            span = np.geomspace(fitted.min(), fitted.max(), 100)  # the parabola is local: drawn over its window only
             ax.plot(span, b.profile(span), "-" if b.bracketed else ":", color=color, lw=1.2)
             if b.bracketed:
                 ax.plot([b.N_opt], [b.L_opt], "*", color=color, ms=13, mec="k", mew=0.6)

@@ -290,7 +290,9 @@ def isoflop_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
         for b in entry["fit"].budgets:  # an unbracketed minimum is an extrapolation: not shown
             optima = ([f"{_fmt(b.N_opt, 3)}{_interval(b.ci, 'N_opt')}", f"{_fmt(b.D_opt, 3)}{_interval(b.ci, 'D_opt')}",
                        f"{_fmt(b.L_opt)}{_interval(b.ci, 'L_opt')}"] if b.bracketed else ["–"] * 3)
-            rows.append([plots.label(entry["family"]), f"{b.C:.3g}", str(len(set(b.N.tolist()))), str(len(b.N)),
+            outside = int((~b.fitted).sum())
+            rows.append([plots.label(entry["family"]), f"{b.C:.3g}", str(len(set(b.N[b.fitted].tolist()))),
+                         f"{int(b.fitted.sum())}" + (f" (+{outside} outside)" if outside else ""),
                          *optima, "yes" if b.bracketed else "no: " + b.flag])
     return header, rows
 
@@ -511,6 +513,8 @@ def data_efficiency_sections(efficiency) -> list[tuple]:
 
 def fit_sections(fits, bootstrap) -> list[tuple]:
     """Fits, their identification, the isoFLOP analysis and the held-out predictions."""
+    from lmu_jax.scaling.isoflop import WINDOW
+
     s = [("h2", "Fits")]
     s.append(("p", f"Huber (δ = 1e-3) on log residuals, summed, L-BFGS-B from a grid, polished and restarted "
                    f"(lmu_jax.scaling.fit); ± is the bootstrap standard error over runs ({bootstrap} resamples). "
@@ -532,8 +536,11 @@ def fit_sections(fits, bootstrap) -> list[tuple]:
     if fits["isoflop"]:
         s.append(("h2", "IsoFLOP analysis (Chinchilla Approach 2)"))
         s.append(("p", "Per FLOP budget with at least 3 sizes, a robust parabola (Huber) of final loss in log N, and "
-                       "one in log D, gives N_opt, D_opt and L_opt at its minimum; intervals are bootstrap "
-                       f"percentiles over the budget's runs ({bootstrap} resamples). A budget whose minimum the "
+                       "one in log D, gives N_opt, D_opt and L_opt at its minimum. It fits the runs within a factor "
+                       f"{WINDOW} of the budget's best size (a profile is a parabola only near its minimum; runs "
+                       "further out are counted as outside and drawn hollow). Intervals are percentiles of a "
+                       f"residual bootstrap ({bootstrap} resamples: the sizes fixed, the parabola's residuals "
+                       "redrawn). A budget whose minimum the "
                        "ladder does not bracket is left out of the exponents and says what sizes to add. Across the "
                        "remaining budgets N_opt = G·C^a, D_opt = G'·C^b and L_opt = K·C^-gamma (Chinchilla: "
                        "a ≈ 0.50, b ≈ 0.50)."))

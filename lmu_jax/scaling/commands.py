@@ -215,7 +215,8 @@ def law_result(fit, law) -> dict:
 
 
 def isoflop_result(fit, predict: float | None = None) -> dict:
-    budgets = [{"C": b.C, "sizes": len(np.unique(b.N)), "runs": len(b.N), "N_opt": b.N_opt, "D_opt": b.D_opt,
+    budgets = [{"C": b.C, "sizes": len(np.unique(b.N[b.fitted])), "runs": int(b.fitted.sum()),
+                "outside_window": int((~b.fitted).sum()), "N_opt": b.N_opt, "D_opt": b.D_opt,
                 "L_opt": b.L_opt, "ci": b.ci, "bracketed": b.bracketed, "flag": b.flag} for b in fit.budgets]
     return {"isoflop": {"budgets": budgets, "a": fit.a, "G": fit.G, "b": fit.b, "G_D": fit.G_D, "gamma": fit.gamma,
                         "K": fit.K, "ci": fit.ci, "bootstrap_used": fit.bootstrap_used},
@@ -292,7 +293,8 @@ def _isoflop_lines(result) -> list[str]:
     lines = []
     for b in iso["budgets"]:
         place = "bracketed" if b["bracketed"] else "NOT bracketed, left out of the exponents"
-        lines.append(f"  C = {b['C']:.3g}: {b['sizes']} sizes, {b['runs']} runs, {place}")
+        outside = f" (+{b['outside_window']} outside the window)" if b["outside_window"] else ""
+        lines.append(f"  C = {b['C']:.3g}: {b['sizes']} sizes, {b['runs']} runs{outside}, {place}")
         if b["bracketed"]:  # an unbracketed minimum is an extrapolation: only its flag is printed
             lines.append(f"    N_opt = {b['N_opt']:.4g}{_interval(b['ci'], 'N_opt')}, D_opt = {b['D_opt']:.4g}"
                          f"{_interval(b['ci'], 'D_opt')}, L_opt = {b['L_opt']:.4f}{_interval(b['ci'], 'L_opt')}")

@@ -2,13 +2,17 @@
 
 Runs of one FLOP budget C at different sizes form an isoFLOP profile. Per budget with at least 3
 sizes, a robust quadratic of final loss in log N gives the compute-optimal size N_opt(C) (its
-minimum) and L_opt(C) (the loss there); the same in log D gives D_opt(C). Across the budgets whose
+minimum) and L_opt(C) (the loss there); the same in log D gives D_opt(C). A profile is a parabola
+only near its minimum, so each budget's quadratic fits the runs within a factor WINDOW of its best
+size (two steps of a factor-2 ladder either side); runs further out are kept and drawn, not fitted. Across the budgets whose
 minimum the ladder brackets, straight lines in log-log give ``N_opt = G * C**a``, ``D_opt = G_D * C**b``
 and ``L_opt = K * C**-gamma``. Chinchilla found a ≈ 0.50 and b ≈ 0.50 (Approach 2: 0.49 and 0.51).
 
-Uncertainty: each budget's runs are resampled with replacement (a resample with fewer than 3
-distinct sizes is drawn again), the parabolas refitted, and the lines refitted to each joint resample
-of the budgets' optima; intervals are percentiles. A budget whose minimum is not bracketed (the best
+Uncertainty: a residual bootstrap. Each budget's sizes stay fixed; its losses are redrawn as the
+fitted parabola plus residuals resampled with replacement (scaled by sqrt(n / (n - 3)) for the three
+fitted constants), the parabolas refitted, and the lines refitted to each joint resample of the
+budgets' optima; intervals are percentiles. (Resampling the runs themselves, with 5-7 per budget,
+often leaves all of a resample's sizes on one side of the minimum, whose vertex then lies anywhere.) A budget whose minimum is not bracketed (the best
 measured size is the smallest or largest of its ladder, the parabola's minimum lies outside the
 ladder, or the parabola opens downward) is flagged with what to add and left out of the lines.
 """
@@ -27,6 +31,7 @@ ROBUST_SCALE = 0.01  # nats: residuals beyond this count linearly (Huber), so on
 BUDGET_RTOL = 0.1  # runs whose C lie within 10 % of their neighbours' belong to one budget (steps round C)
 CHINCHILLA_A = 0.50  # Hoffmann et al.'s N_opt exponent (Approaches 1-2: 0.50, 0.49), drawn for reference
 MIN_SIZES = 3
+WINDOW = 4.5  # a budget's parabola fits the runs within this factor of its best size
 # Each budget's optimum is itself fitted from >= MIN_SIZES runs and its scatter reaches the exponents through
 # the bootstrap; what the count of budgets must give is a residual to test the power-law form against.
 MIN_BRACKETED_BUDGETS = 3
@@ -71,6 +76,7 @@ class IsoflopBudget:
     N: np.ndarray
     D: np.ndarray
     loss: np.ndarray
+    fitted: np.ndarray  # bool per run: inside the window around the best size, so in the parabola
     coef_N: np.ndarray  # loss ≈ c0 + c1 u + c2 u², u = log N - centre_N
     centre_N: float
     coef_D: np.ndarray
@@ -137,6 +143,13 @@ class IsoflopFit:
             lo, hi = _percentiles(draws, self.ci_level) if draws is not None else (math.nan, math.nan)
             out[name] = (values[name], lo, hi)
         return out
+
+
+def in_window(N, loss) -> np.ndarray:
+    """Runs within a factor WINDOW of the best size (all of them when that leaves fewer than 3 sizes)."""
+    best = N[np.argmin(loss)]
+    inside = (N >= best / WINDOW) & (N <= best * WINDOW)
+    return inside if len(np.unique(N[inside])) >= MIN_SIZES else np.ones_like(inside)
 
 
 def _fit_profile(log_N, log_D, loss):
@@ -221,23 +234,23 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
     rng = np.random.default_rng(seed)
     budgets, replicates, warnings = [], [], []
     for g in groups:
-        log_N, log_D, y = np.log(N[g]), np.log(D[g]), loss[g]
+        fitted = in_window(N[g], loss[g])
+        log_N, log_D, y = np.log(N[g][fitted]), np.log(D[g][fitted]), loss[g][fitted]
         n_opt, d_opt, l_opt, coef_N, centre_N, coef_D, centre_D = _fit_profile(log_N, log_D, y)
         C_budget = float(np.exp(np.log(C[g]).mean()))
+        u = log_N - centre_N
+        predicted = coef_N[0] + coef_N[1] * u + coef_N[2] * u**2
+        residuals = (y - predicted) * math.sqrt(len(y) / max(len(y) - 3, 1))
         draws = np.full((bootstrap, 3), np.nan)
         for k in range(bootstrap):
-            while True:
-                pick = rng.integers(0, len(g), size=len(g))
-                if len(np.unique(N[g][pick])) >= MIN_SIZES:
-                    break
-            draws[k] = _fit_profile(log_N[pick], log_D[pick], y[pick])[:3]
+            draws[k] = _fit_profile(log_N, log_D, predicted + rng.choice(residuals, size=len(y)))[:3]
         replicates.append(draws)
-        flag = _bracket_flag(N[g], y, n_opt, coef_N)
-        if not flag and len(g) == MIN_SIZES:
+        flag = _bracket_flag(N[g][fitted], y, n_opt, coef_N)
+        if not flag and len(y) == MIN_SIZES:
             warnings.append(f"C = {C_budget:.3g}: 3 runs for a 3-constant parabola: it passes through every point, "
                             "so its interval shows no scatter.")
         budgets.append(IsoflopBudget(
-            C=C_budget, N=N[g], D=D[g], loss=y, coef_N=coef_N, centre_N=centre_N, coef_D=coef_D, centre_D=centre_D,
+            C=C_budget, N=N[g], D=D[g], loss=loss[g], fitted=fitted, coef_N=coef_N, centre_N=centre_N, coef_D=coef_D, centre_D=centre_D,
             N_opt=n_opt, D_opt=d_opt, L_opt=l_opt,
             ci={name: _percentiles(draws[:, j], ci_level) for j, name in enumerate(("N_opt", "D_opt", "L_opt"))}
             if bootstrap else {},
