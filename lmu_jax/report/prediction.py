@@ -62,11 +62,12 @@ def prediction_sections(spec: dict, isoflop_entries) -> list[tuple]:
     predictions = read_predictions(spec)
     if not predictions:
         return []
-    fitted = sorted({b["C"] for e in predictions for b in e["isoflop"]["budgets"]})
+    # one budget's C differs a little between families (each is the mean of its own runs' C)
+    fitted = sorted({f'{b["C"]:.3g}' for e in predictions for b in e["isoflop"]["budgets"]}, key=float)
     identified = {e["family"]: e["prediction"]["identified"] for e in predictions}
     caveat = [f for f, ok in identified.items() if not ok]
     text = (f"Written into {spec['results']}/{PREDICTION_FILE} and committed before the budget was run (git log "
-            f"shows the order): an IsoFLOP fit on the budgets {', '.join(f'{c:.3g}' for c in fitted)} extrapolated "
+            f"shows the order): an IsoFLOP fit on the budgets {', '.join(fitted)} extrapolated "
             "N_opt = G·C^a, D_opt = G'·C^b and L_opt = K·C^-gamma, with bootstrap intervals. Measured: the held-out "
             "budget's own parabola minimum and its bootstrap interval. L_opt's power law has no irreducible loss, "
             "so it tends to run low when extrapolated (docs/scaling.md).")
