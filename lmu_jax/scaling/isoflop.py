@@ -4,17 +4,19 @@ Runs of one FLOP budget C at different sizes form an isoFLOP profile. Per budget
 sizes, a robust quadratic of final loss in log N gives the compute-optimal size N_opt(C) (its
 minimum) and L_opt(C) (the loss there); the same in log D gives D_opt(C). A profile is a parabola
 only near its minimum, so each budget's quadratic fits the runs within a factor WINDOW of its best
-size (two steps of a factor-2 ladder either side); runs further out are kept and drawn, not fitted. Across the budgets whose
-minimum the ladder brackets, straight lines in log-log give ``N_opt = G * C**a``, ``D_opt = G_D * C**b``
-and ``L_opt = K * C**-gamma``. Chinchilla found a ≈ 0.50 and b ≈ 0.50 (Approach 2: 0.49 and 0.51).
+size (two steps of a factor-2 ladder either side); runs further out are kept and drawn, not fitted.
+Across the budgets whose minimum the ladder brackets, straight lines in log-log give
+``N_opt = G * C**a``, ``D_opt = G_D * C**b`` and ``L_opt = K * C**-gamma``. Chinchilla found a ≈ 0.50
+and b ≈ 0.50 (Approach 2: 0.49 and 0.51).
 
 Uncertainty: a residual bootstrap. Each budget's sizes stay fixed; its losses are redrawn as the
 fitted parabola plus residuals resampled with replacement (scaled by sqrt(n / (n - 3)) for the three
 fitted constants), the parabolas refitted, and the lines refitted to each joint resample of the
 budgets' optima; intervals are percentiles. (Resampling the runs themselves, with 5-7 per budget,
-often leaves all of a resample's sizes on one side of the minimum, whose vertex then lies anywhere.) A budget whose minimum is not bracketed (the best
-measured size is the smallest or largest of its ladder, the parabola's minimum lies outside the
-ladder, or the parabola opens downward) is flagged with what to add and left out of the lines.
+often leaves all of a resample's sizes on one side of the minimum, whose vertex then lies anywhere.)
+A budget whose minimum is not bracketed (the best measured size is the smallest or largest of its
+ladder, the parabola's minimum lies outside the ladder, or the parabola opens downward) is flagged
+with what to add and left out of the lines.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+from numpy.polynomial.polynomial import polyval
 from scipy.optimize import least_squares
 
 from lmu_jax.errors import bad_value
@@ -55,7 +58,7 @@ def robust_quadratic(x, y) -> np.ndarray:
     start = np.polyfit(x, y, 2)[::-1]
     if len(x) == 3:
         return start  # exact: nothing to be robust against
-    result = least_squares(lambda c: c[0] + c[1] * x + c[2] * x**2 - y, start, loss="huber", f_scale=ROBUST_SCALE)
+    result = least_squares(lambda c: polyval(x, c) - y, start, loss="huber", f_scale=ROBUST_SCALE)
     return result.x
 
 
@@ -90,7 +93,7 @@ class IsoflopBudget:
 
     def profile(self, N):
         u = np.log(np.asarray(N, dtype=float)) - self.centre_N
-        return self.coef_N[0] + self.coef_N[1] * u + self.coef_N[2] * u**2
+        return polyval(u, self.coef_N)
 
 
 @dataclass(frozen=True)
@@ -238,8 +241,7 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
         log_N, log_D, y = np.log(N[g][fitted]), np.log(D[g][fitted]), loss[g][fitted]
         n_opt, d_opt, l_opt, coef_N, centre_N, coef_D, centre_D = _fit_profile(log_N, log_D, y)
         C_budget = float(np.exp(np.log(C[g]).mean()))
-        u = log_N - centre_N
-        predicted = coef_N[0] + coef_N[1] * u + coef_N[2] * u**2
+        predicted = polyval(log_N - centre_N, coef_N)
         residuals = (y - predicted) * math.sqrt(len(y) / max(len(y) - 3, 1))
         draws = np.full((bootstrap, 3), np.nan)
         for k in range(bootstrap):
@@ -250,7 +252,8 @@ def fit_isoflop(N, D, C, loss, *, budget=None, bootstrap: int = 200, seed: int =
             warnings.append(f"C = {C_budget:.3g}: 3 runs for a 3-constant parabola: it passes through every point, "
                             "so its interval shows no scatter.")
         budgets.append(IsoflopBudget(
-            C=C_budget, N=N[g], D=D[g], loss=loss[g], fitted=fitted, coef_N=coef_N, centre_N=centre_N, coef_D=coef_D, centre_D=centre_D,
+            C=C_budget, N=N[g], D=D[g], loss=loss[g], fitted=fitted, coef_N=coef_N, centre_N=centre_N, coef_D=coef_D,
+            centre_D=centre_D,
             N_opt=n_opt, D_opt=d_opt, L_opt=l_opt,
             ci={name: _percentiles(draws[:, j], ci_level) for j, name in enumerate(("N_opt", "D_opt", "L_opt"))}
             if bootstrap else {},
