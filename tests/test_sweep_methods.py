@@ -44,6 +44,14 @@ def test_seeds_expand_to_distinct_runs_for_the_matched_subset(kjv_cache):
     assert order == [(3, 4e9)] * 2 + [(3, 8e9)] * 2 + [(4, 4e9)] * 2 + [(4, 8e9)] * 2
 
 
+def test_a_budget_may_give_each_family_its_own_ladder(kjv_cache):
+    runs = expand(parse_spec(small(kjv_cache, budgets={"flops": [4.0e9, 8.0e9]}, sizes={
+        4.0e9: [5_000], 8.0e9: {"transformer": [5_000, 10_000], "lstm": [20_000]}})))
+    planned = sorted((r.family, r.budget.value, r.size) for r in runs)
+    assert planned == [("lstm", 4e9, 5_000), ("lstm", 8e9, 20_000), ("transformer", 4e9, 5_000),
+                       ("transformer", 8e9, 5_000), ("transformer", 8e9, 10_000)]
+
+
 @pytest.mark.parametrize("change, message", [
     ({"seeds": [0, 1, 1]}, "seeds=[0, 1, 1] is invalid: distinct seeds (1 repeated)"),
     ({"seeds": [-1]}, "seeds=[-1] is invalid"),
@@ -55,6 +63,7 @@ def test_seeds_expand_to_distinct_runs_for_the_matched_subset(kjv_cache):
     ({"lr_grid": {"lrs": [1e-3, 3e-3], "sizes": [5_000], "budget": 2e9}}, "at least 3 distinct learning rates"),
     ({"lr_grid": {"lrs": [1e-3, 3e-3, 1e-2], "sizes": [5_000]}}, "lr_grid="),
     ({"sizes": {2.0e9: [5_000]}}, "one ladder per budget"),
+    ({"sizes": {4.0e9: {"lstm": [5_000]}}}, "sizes.4000000000.0=['lstm'] is invalid: one ladder per family"),
 ])
 def test_bad_method_keys_are_one_line_user_errors(kjv_cache, change, message):
     raw = small(kjv_cache, **change)

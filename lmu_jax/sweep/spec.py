@@ -39,7 +39,9 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
                                            # them): `sweep run` on a fresh clone counts those runs as done
 
 ``sizes`` may also be a mapping from budget value to that budget's ladder (``lmu-jax sweep design`` writes
-one: each budget's ladder brackets its own compute-optimal size).
+one: each budget's ladder brackets its own compute-optimal size), and a budget's ladder may be a mapping
+from family to that family's ladder (``{1.0e13: {transformer: [...], lstm: [...], lmu: [...]}}``, every
+family named), where the families' compute-optimal sizes lie too far apart for one ladder of 5.
 
 A FLOP budget C gives each run ``steps = round(C / (flops_per_token * batch * seq_len))``, so the runs'
 training FLOPs match up to the rounding of steps (within 0.5 / steps). The learning-rate schedule's
@@ -151,12 +153,13 @@ class SweepSpec:
     seeds: Subset | None = None
     branches: Subset | None = None
     lr_grids: tuple = ()  # of LrGrid; their runs together give each family's lr rule
-    ladders: dict = field(default_factory=dict)  # budget value -> its own ladder (else ``sizes``)
+    ladders: dict = field(default_factory=dict)  # budget value -> its ladder, or family -> ladder (else ``sizes``)
     results: str = ""  # a directory (in the repository) that keeps each finished run's small files
     raw: dict = field(default_factory=dict, repr=False, compare=False)  # the spec as written
 
-    def ladder(self, budget: Budget) -> tuple:
-        return self.ladders.get(budget.value, self.sizes)
+    def ladder(self, budget: Budget, family: str) -> tuple:
+        ladder = self.ladders.get(budget.value, self.sizes)
+        return ladder[family] if isinstance(ladder, dict) else ladder
 
 
 @dataclass(frozen=True)
@@ -271,14 +274,18 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
             raise bad_value("families", family, f"one of {', '.join(sorted(FAMILIES))}")
 
     ladders_raw = raw.get("sizes") if isinstance(raw.get("sizes"), dict) else {}
-    ladders = {}
+    ladders, every_size = {}, set()
     for key, ladder in ladders_raw.items():
         (value,) = _number_list("sizes", key, integer=False)
-        ladders[value] = _number_list(f"sizes.{key}", ladder or [], integer=True)
-        if not ladders[value]:
-            raise bad_value(f"sizes.{key}", ladder, "a non-empty ladder of target non-embedding parameter counts")
-    sizes = tuple(sorted({n for ladder in ladders.values() for n in ladder})) if ladders else \
-        _number_list("sizes", raw.get("sizes") or [], integer=True)
+        if isinstance(ladder, dict):
+            if set(ladder) != set(families):
+                raise bad_value(f"sizes.{key}", sorted(ladder), f"one ladder per family: {', '.join(families)}")
+            ladders[value] = {family: _ladder(f"sizes.{key}.{family}", ladder[family]) for family in families}
+            every_size.update(*ladders[value].values())
+        else:
+            ladders[value] = _ladder(f"sizes.{key}", ladder)
+            every_size.update(ladders[value])
+    sizes = tuple(sorted(every_size)) if ladders else _number_list("sizes", raw.get("sizes") or [], integer=True)
     if not sizes:
         raise bad_value("sizes", raw.get("sizes"), "a non-empty ladder of target non-embedding parameter counts")
 
@@ -340,6 +347,13 @@ def parse_spec(raw: dict, name: str = "sweep") -> SweepSpec:
                      description=str(raw.get("description") or ""), seeds=_seeds(raw.get("seeds")),
                      branches=_branches(raw.get("branches")), lr_grids=_lr_grids(raw.get("lr_grid"), families),
                      ladders=ladders, results=results, raw=raw)
+
+
+def _ladder(path: str, ladder) -> tuple:
+    sizes = _number_list(path, ladder or [], integer=True)
+    if not sizes:
+        raise bad_value(path, ladder, "a non-empty ladder of target non-embedding parameter counts")
+    return sizes
 
 
 def _match(path: str, match) -> dict:
@@ -472,7 +486,7 @@ def plan_family(spec: SweepSpec, family: str, lr_rule=None) -> list[PlannedRun]:
         return runs
     for size in spec.sizes:
         for budget in spec.budgets:
-            if size not in spec.ladder(budget):
+            if size not in spec.ladder(budget, family):
                 continue
             run_raw = planner.sized(size)
             for override in spec.run_overrides:
