@@ -219,6 +219,12 @@ def test_a_prediction_for_an_unrun_budget_holds_the_truth_and_the_cli_writes_it(
     outcome = {row[2]: row for row in section[1]}
     assert outcome["N_opt"][-1] == outcome["D_opt"][-1] == "yes"
     assert float(outcome["N_opt"][5]) == pytest.approx(n_true, rel=0.02)
+    # a labelled refit of the same family is a second set of rows, named by its label
+    entries = json.loads(out.read_text())
+    out.write_text(json.dumps(entries + [{**entries[0], "label": "refit"}]))
+    (section,) = [payload for kind, payload in prediction_sections(spec, [{"family": family, "fit": run}])
+                  if kind == "table"]
+    assert [row[0] for row in section[1]] == [family] * 3 + [f"{family} (refit)"] * 3
     assert prediction_sections({"results": str(tmp_path / "none")}, []) == []
 
 

@@ -3,7 +3,8 @@
 ``lmu-jax fit results.csv --law isoflop --predict C --json <results>/prediction.json`` writes each
 family's predicted N_opt, D_opt and L_opt at a FLOP budget C that has not been run, with intervals; the
 file is committed before budget C is added to the spec, so git history shows that the prediction came
-first. Once C has run, the report puts the IsoFLOP minimum measured at C (that budget's own parabola)
+first. A later entry for the same family (a refit with more runs, also committed before C ran) carries a
+``label`` that says what changed. Once C has run, the report puts the IsoFLOP minimum measured at C (that budget's own parabola)
 beside each prediction and says whether it lies inside the predicted interval. ``<results>`` is the
 spec's ``results`` directory, relative to the directory the report is built from (the repository root).
 """
@@ -23,6 +24,10 @@ def read_predictions(spec: dict) -> list[dict]:
     if not spec.get("results") or not path.is_file():
         return []
     return [entry for entry in json.loads(path.read_text()) if entry.get("prediction")]
+
+
+def _name(entry) -> str:
+    return entry["family"] + (f" ({entry['label']})" if entry.get("label") else "")
 
 
 def _measured(isoflop_entries, family, C):
@@ -54,7 +59,7 @@ def prediction_rows(predictions, isoflop_entries) -> tuple[list[str], list[list[
                 got_lo, got_hi = budget.ci.get(name, (math.nan, math.nan))
                 inside = "–" if lo is None else ("yes" if lo <= got <= hi else "NO")
                 outcome = [f"{got:.4g}", "" if not math.isfinite(got_lo) else f"[{got_lo:.4g}, {got_hi:.4g}]", inside]
-            rows.append([entry["family"], f"{C:.3g}", name, f"{value:.4g}", interval, *outcome])
+            rows.append([_name(entry), f"{C:.3g}", name, f"{value:.4g}", interval, *outcome])
     return header, rows
 
 
@@ -64,7 +69,7 @@ def prediction_sections(spec: dict, isoflop_entries) -> list[tuple]:
         return []
     # one budget's C differs a little between families (each is the mean of its own runs' C)
     fitted = sorted({f'{b["C"]:.3g}' for e in predictions for b in e["isoflop"]["budgets"]}, key=float)
-    identified = {e["family"]: e["prediction"]["identified"] for e in predictions}
+    identified = {_name(e): e["prediction"]["identified"] for e in predictions}
     caveat = [f for f, ok in identified.items() if not ok]
     text = (f"Written into {spec['results']}/{PREDICTION_FILE} and committed before the budget was run (git log "
             f"shows the order): an IsoFLOP fit on the budgets {', '.join(fitted)} extrapolated "
