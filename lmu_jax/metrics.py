@@ -24,9 +24,11 @@ import jax.numpy as jnp
 
 from lmu_jax import storage
 
-# A training loss this far (nats) above the lowest the run has logged is a spike, not a hard batch
-# (lmu_jax/report/stability.py says why); the trainer logs such a step whatever log.every says.
+# A training loss this far (nats) above the curve's level, the median of the previous LEVEL_WINDOW steps'
+# losses, is an excursion (lmu_jax/report/stability.py says which are spikes); the trainer logs every
+# such step, whatever log.every says, and each logged step's level.
 SPIKE_NATS = 1.0
+LEVEL_WINDOW = 20
 
 REMOTE_SYNC_S = 30.0
 

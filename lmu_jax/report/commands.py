@@ -23,6 +23,6 @@ def cmd_report(args) -> int:
     if written["spikes"]:
         from lmu_jax.report.stability import spike_text
 
-        print(f"loss spikes ({len(written['spikes'])}; report section 'Training stability'): "
-              + ", ".join(spike_text(spike) for spike in written["spikes"]))
+        print(f"loss spikes ({len(written['spikes'])}: instabilities and unshared one-step jumps; report section "
+              "'Training stability'): " + ", ".join(spike_text(spike) for spike in written["spikes"]))
     return 0

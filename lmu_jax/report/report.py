@@ -42,7 +42,7 @@ from lmu_jax.report.claims import claims_sections
 from lmu_jax.report.noise import main_runs, noise_floor, noise_sections, seed_stats
 from lmu_jax.report.prediction import prediction_sections
 from lmu_jax.report.runs import budgets_in_order, load_results
-from lmu_jax.report.stability import run_spikes, stability_sections
+from lmu_jax.report.stability import flagged, run_spikes, stability_sections
 
 DEFAULT_BOOTSTRAP = 200
 
@@ -416,7 +416,7 @@ def build_report(sweep_dir, *, bootstrap: int = DEFAULT_BOOTSTRAP, chinchilla_gr
         storage.copy_tree(local, out)
         shutil.rmtree(local)
     return {"markdown": out / "report.md", "html": out / "report.html", "figures": figures, "fits": fits,
-            "results": results, "spikes": run_spikes(results) if collected["curves"] else []}
+            "results": results, "spikes": flagged(run_spikes(results)) if collected["curves"] else []}
 
 
 def _family_order(spec, family):

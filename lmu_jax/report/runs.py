@@ -22,8 +22,7 @@ class RunResult:
     eval_tokens: np.ndarray  # validation evaluations during and at the end of training
     eval_loss: np.ndarray
     per_position_loss: np.ndarray  # final validation loss at each position of the window
-    lowest_before: np.ndarray | None = None  # per logged step, the trainer's lowest loss before it (NaN: not
-    #                                          recorded), so a spike logged between thinned lines is measured
+    levels: np.ndarray | None = None  # the trainer's level at each logged step (NaN: none; stability.py)
 
     @property
     def family(self) -> str:
@@ -119,7 +118,7 @@ def load_results(sweep_dir) -> tuple[list[RunResult], dict]:
             flops=np.array([r["flops_model"] for r in train], dtype=float),
             train_loss=np.array([r["loss"] for r in train], dtype=float),
             steps=np.array([r["step"] for r in train], dtype=int),
-            lowest_before=np.array([r.get("lowest_before", np.nan) for r in train], dtype=float),
+            levels=np.array([r.get("level", np.nan) for r in train], dtype=float),
             eval_tokens=np.array([r["step"] * tokens_per_step for r in evals], dtype=float),
             eval_loss=np.array([r["loss"] for r in evals], dtype=float),
             per_position_loss=np.array(collected["per_position"][row["run_id"]]["per_position_loss"], dtype=float),

@@ -15,8 +15,8 @@ to a shorter horizon (a cooldown branch).
 
 from __future__ import annotations
 
+import collections
 import logging
-import math
 import os
 import signal
 import sys
@@ -33,7 +33,7 @@ from lmu_jax.config import RunConfig, config_from_dict, read_yaml, run_id
 from lmu_jax.data.pipeline import StreamBatcher, WindowBatcher, prepare, to_global_array
 from lmu_jax.errors import UserError, bad_value
 from lmu_jax.flops import kaplan_flops_per_token
-from lmu_jax.metrics import SPIKE_NATS, MetricsWriter, peak_flops_total
+from lmu_jax.metrics import LEVEL_WINDOW, SPIKE_NATS, MetricsWriter, peak_flops_total
 from lmu_jax.models import data_order
 from lmu_jax.sharding import make_mesh
 from lmu_jax.train import memory_check
@@ -264,11 +264,12 @@ class Trainer:
         peak, peak_source = peak_flops_total()
         pending = None  # (step, metrics on device): fetched one step late so the host never stalls
         last_time = time.perf_counter()
-        lowest = math.inf  # the lowest training loss so far: a step far above it is logged (a spike)
+        recent = collections.deque(maxlen=LEVEL_WINDOW)  # the last finite losses: their median is the level, and a
+        #                                                   step far above it is logged (an excursion, stability.py)
         writer.write({"kind": "settings", "step": start, "platform": program.platform, "chosen": self.chosen})
 
         def flush(pending_item):
-            nonlocal last_time, lowest
+            nonlocal last_time
             step_no, metrics = pending_item
             metrics = jax.device_get(metrics)
             now = time.perf_counter()
@@ -291,12 +292,13 @@ class Trainer:
                 "step_time": dt, "tokens_per_s": program.tokens_per_step / dt,
                 "mfu": program.tokens_per_step * program.flops_per_token / dt / peak,
             }
-            spike = loss > lowest + SPIKE_NATS
-            if spike:
-                record["lowest_before"] = lowest  # the report measures the jump from it (stability.py)
-            lowest = min(lowest, loss)
+            if recent:
+                record["level"] = float(np.median(recent))
+            spike = bool(recent) and loss > record["level"] + SPIKE_NATS
+            if finite:
+                recent.append(loss)
             if step_no % cfg.log.every == 0 or step_no == cfg.train.steps or not finite or spike:
-                writer.write(record)  # every skipped update and every spike, whatever log.every says
+                writer.write(record)  # every skipped update and every excursion, whatever log.every says
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
