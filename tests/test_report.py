@@ -242,12 +242,17 @@ def test_the_lmu_papers_claims_are_checked_and_stated(report):
 def test_per_position_flattening_is_judged_against_the_transformers_gain():
     from types import SimpleNamespace
 
-    from lmu_jax.report.claims import context_gain, position_rows
+    from lmu_jax.report.claims import context_gain, flattening, position_rows
 
     positions = np.arange(256)
     transformer = 2.0 + 1.0 / np.sqrt(positions + 1)  # keeps gaining from context
     lmu = 2.0 + np.where(positions < 100, 1.0 / np.sqrt(positions + 1), 0.1)  # flat after 100 tokens
     assert context_gain(lmu) < 0.5 * context_gain(transformer)
+    assert flattening(context_gain(lmu), context_gain(transformer)).startswith("holds")
+    assert flattening(context_gain(transformer), context_gain(transformer)).startswith("does not hold")
+    harder_tail = positions / 2000  # late positions of the few validation windows hold harder text
+    assert flattening(context_gain(lmu + harder_tail), context_gain(transformer + harder_tail)).startswith(
+        "is not testable")
 
     def run(family, per_position, loss):
         return SimpleNamespace(family=family, per_position_loss=per_position, val_loss=loss, N=1000,

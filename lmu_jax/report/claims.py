@@ -89,6 +89,17 @@ def context_gain(per_position) -> float:
     return float(loss[EARLY[0]:EARLY[1]].mean() - loss[-TAIL:].mean())
 
 
+def flattening(lmu_gain: float, transformer_gain: float) -> str:
+    """The verdict on "the LMU flattens": its late gain under FLATTENS x the transformer's, which needs
+    the transformer to gain at all (on a few fixed validation windows, the late positions may simply
+    hold harder text, and every family's gain is then negative)."""
+    if transformer_gain <= 0:
+        return ("is not testable here: the transformer's own loss does not fall past ~100 tokens on these "
+                "validation windows, so there is no gain to fall short of")
+    return (("holds" if lmu_gain < FLATTENS * transformer_gain else "does not hold")
+            + f" (criterion: under {FLATTENS:g}× the transformer's gain; one run each, so no noise estimate)")
+
+
 def position_rows(results, families) -> tuple[list[list[str]], dict]:
     """At the largest FLOP budget: each family's best run and its gain from context past ~100 tokens."""
     runs = [r for r in results if r.row.get("budget_kind") == "flops" and len(r.per_position_loss)]
@@ -130,11 +141,9 @@ def claims_sections(results, equal_flops, efficiency, floor: float, families) ->
     s.append(("h3", "3. The LMU's per-position loss flattens after ~100 tokens; global attention fixes it"))
     rows, gains = position_rows(results, families)
     if "lmu" in gains and "transformer" in gains and all(map(math.isfinite, (gains["lmu"], gains["transformer"]))):
-        flattens = gains["lmu"] < FLATTENS * gains["transformer"]
         text = (f"Loss gain from positions [{EARLY[0]}, {EARLY[1]}) to the last {TAIL}, best run of each family at the "
                 f"largest budget. The LMU's gain is {gains['lmu']:+.4f} nats against the transformer's "
-                f"{gains['transformer']:+.4f}: flattening " + ("holds" if flattens else "does not hold")
-                + f" (criterion: under {FLATTENS:g}× the transformer's gain; one run each, so no noise estimate).")
+                f"{gains['transformer']:+.4f}: flattening {flattening(gains['lmu'], gains['transformer'])}.")
         if "lmu_attn" in gains and math.isfinite(gains["lmu_attn"]):
             fixed = gains["lmu_attn"] >= gains["transformer"]
             text += (f" LMU + attention gains {gains['lmu_attn']:+.4f}: the fix "
