@@ -20,7 +20,7 @@ import yaml
 from helpers import REPO
 
 from lmu_jax.errors import UserError
-from lmu_jax.report.report import build_report, data_efficiency_table, equal_flops_table
+from lmu_jax.report.report import build_report, data_efficiency_table, equal_flops_table, isoflop_rows
 from lmu_jax.report.runs import load_results
 from lmu_jax.sweep.collect import COLUMNS
 
@@ -205,6 +205,9 @@ def test_report_has_isoflop_and_rollout_sections(synthetic_sweep, report):
     assert [e["family"] for e in fits["isoflop"]] == ["transformer", "lmu"]
     for entry in fits["isoflop"]:  # three FLOP budgets of 4 sizes each, the token budget is no profile
         assert len(entry["fit"].budgets) == 3
+    header, rows = isoflop_rows(fits)
+    first = fits["isoflop"][0]["fit"].budgets[0]
+    assert rows[0][header.index("tokens per parameter")] == f"{first.D_opt / first.N_opt:.0f}"
     assert {(e["family"], e["scope"]) for e in fits["rollout"]} == {
         (f, h) for f in TRUTH for h in ("top-budget", "top-size")}
     for entry in fits["rollout"]:  # exact losses from the law: the predictions are close

@@ -280,16 +280,17 @@ def _interval(ci, name) -> str:
 
 
 def isoflop_rows(fits: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["family", "C", "sizes", "runs", "N_opt [interval]", "D_opt [interval]", "L_opt [interval]",
-              "in the exponents"]
+    header = ["family", "C", "sizes", "runs", "N_opt [interval]", "D_opt [interval]", "tokens per parameter",
+              "L_opt [interval]", "in the exponents"]
     rows = []
     for entry in fits["isoflop"]:
         if entry["fit"] is None:
-            rows.append([plots.label(entry["family"]), "not fitted: " + entry["reason"], "", "", "", "", "", ""])
+            rows.append([plots.label(entry["family"]), "not fitted: " + entry["reason"], *[""] * 7])
             continue
         for b in entry["fit"].budgets:  # an unbracketed minimum is an extrapolation: not shown
             optima = ([f"{_fmt(b.N_opt, 3)}{_interval(b.ci, 'N_opt')}", f"{_fmt(b.D_opt, 3)}{_interval(b.ci, 'D_opt')}",
-                       f"{_fmt(b.L_opt)}{_interval(b.ci, 'L_opt')}"] if b.bracketed else ["–"] * 3)
+                       f"{b.D_opt / b.N_opt:.0f}", f"{_fmt(b.L_opt)}{_interval(b.ci, 'L_opt')}"]
+                      if b.bracketed else ["–"] * 4)
             outside = int((~b.fitted).sum())
             rows.append([plots.label(entry["family"]), f"{b.C:.3g}", str(len(set(b.N[b.fitted].tolist()))),
                          f"{int(b.fitted.sum())}" + (f" (+{outside} outside)" if outside else ""),
