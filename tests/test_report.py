@@ -206,8 +206,9 @@ def test_report_has_isoflop_and_rollout_sections(synthetic_sweep, report):
     for entry in fits["isoflop"]:  # three FLOP budgets of 4 sizes each, the token budget is no profile
         assert len(entry["fit"].budgets) == 3
     header, rows = isoflop_rows(fits)
-    first = fits["isoflop"][0]["fit"].budgets[0]
-    assert rows[0][header.index("tokens per parameter")] == f"{first.D_opt / first.N_opt:.0f}"
+    budgets = fits["isoflop"][0]["fit"].budgets  # the first family's rows, in order
+    (i, b) = next((i, b) for i, b in enumerate(budgets) if b.bracketed)
+    assert rows[i][header.index("tokens per parameter")] == f"{b.D_opt / b.N_opt:.0f}"
     assert {(e["family"], e["scope"]) for e in fits["rollout"]} == {
         (f, h) for f in TRUTH for h in ("top-budget", "top-size")}
     for entry in fits["rollout"]:  # exact losses from the law: the predictions are close
