@@ -15,6 +15,7 @@ import pytest
 from lmu_jax import cli
 from lmu_jax.errors import EXIT_USER_ERROR, UserError
 from lmu_jax.report.prediction import prediction_sections
+from lmu_jax.report.report import isoflop_rows
 from lmu_jax.scaling import fit_chinchilla, fit_isoflop, fit_power_law, rollout
 from lmu_jax.scaling.commands import read_table
 from lmu_jax.scaling.laws import ChinchillaLaw
@@ -219,6 +220,10 @@ def test_a_prediction_for_an_unrun_budget_holds_the_truth_and_the_cli_writes_it(
     outcome = {row[2]: row for row in section[1]}
     assert outcome["N_opt"][-1] == outcome["D_opt"][-1] == "yes"
     assert float(outcome["N_opt"][5]) == pytest.approx(n_true, rel=0.02)
+    # the report's IsoFLOP table: tokens per parameter at each optimum
+    header, rows = isoflop_rows({"isoflop": [{"family": family, "fit": fit}]})
+    assert [row[header.index("tokens per parameter")] for row in rows] == [
+        f"{b.D_opt / b.N_opt:.0f}" for b in fit.budgets] and all(b.bracketed for b in fit.budgets)
     # a labelled refit of the same family is a second set of rows, named by its label
     entries = json.loads(out.read_text())
     out.write_text(json.dumps(entries + [{**entries[0], "label": "refit"}]))
