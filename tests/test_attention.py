@@ -1,12 +1,16 @@
 """causal_attention (lmu_jax/models/layers.py), the CPU path that goes by query blocks: values and
-gradients against a float64 NumPy reference, at lengths of one, four and eight blocks."""
+gradients against a float64 NumPy reference, at lengths of one, four and eight blocks; and
+CausalSelfAttention's fused query/key/value matmul against three separate projections."""
 
+import math
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmu_jax.models.layers import causal_attention
+from lmu_jax.models.layers import DEFAULT_INIT, CausalSelfAttention, causal_attention, partitioned
 
 
 def reference(q, k, v):
@@ -56,3 +60,31 @@ def test_bfloat16_in_bfloat16_out_with_float32_softmax():
     out = causal_attention(*(jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)))
     assert out.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(out, np.float32), reference(q, k, v)[0], atol=0.05)
+
+
+class SeparateProjections(CausalSelfAttention):
+    """The reference: query, key and value as three nn.DenseGeneral layers, each its own matmul."""
+
+    @nn.compact
+    def __call__(self, x):
+        def project(name):
+            return nn.DenseGeneral((self.n_heads, x.shape[-1] // self.n_heads), name=name,
+                                   kernel_init=partitioned(DEFAULT_INIT, ("embed", "heads", "kv")),
+                                   bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))(x)
+
+        out = self.attend(project("query"), project("key"), project("value"))
+        return nn.DenseGeneral(x.shape[-1], axis=(-2, -1), name="out",
+                               kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),
+                                                       ("heads", "kv", "embed")),
+                               bias_init=partitioned(nn.initializers.zeros, ("embed",)))(out)
+
+
+def test_fused_projections_have_the_separate_ones_parameters_and_outputs():
+    x = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    fused, separate = CausalSelfAttention(n_heads=4), SeparateProjections(n_heads=4)
+    params = fused.init(jax.random.key(1), x)
+    reference = separate.init(jax.random.key(1), x)  # same names, shapes, axes and initial values
+    assert jax.tree.structure(params) == jax.tree.structure(reference)
+    jax.tree.map(np.testing.assert_array_equal, nn.unbox(params), nn.unbox(reference))
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), nn.unbox(params))
+    np.testing.assert_allclose(fused.apply(params, x), separate.apply(params, x), rtol=1e-5, atol=1e-6)

@@ -146,21 +146,34 @@ class CausalSelfAttention(nn.Module):
     def __call__(self, x):
         d_model = x.shape[-1]
         head_dim = d_model // self.n_heads
-
-        def project(name):
-            return nn.DenseGeneral(
-                (self.n_heads, head_dim), dtype=self.dtype, param_dtype=jnp.float32, name=name,
-                kernel_init=partitioned(DEFAULT_INIT, ("embed", "heads", "kv")),
-                bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")),
-            )(x)
-
-        out = self.attend(project("query"), project("key"), project("value"))
+        # One matmul for the three projections (fewer, wider dots: faster on CPU); the parameters stay
+        # three DenseGeneral-shaped leaves under their own names. Stacked on a new axis, not concatenated,
+        # so a heads-sharded kernel stays sharded the same way.
+        kernels, biases = zip(*(_Projection((self.n_heads, head_dim), name=name)(d_model)
+                                for name in ("query", "key", "value")))
+        qkv = jnp.einsum("btd,dshk->btshk", x.astype(self.dtype), jnp.stack(kernels, 1).astype(self.dtype)) \
+            + jnp.stack(biases).astype(self.dtype)
+        out = self.attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
         return nn.DenseGeneral(
             d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32, name="out",
             kernel_init=partitioned(nn.initializers.normal(0.02 / math.sqrt(2 * self.n_layers)),
                                     ("heads", "kv", "embed")),
             bias_init=partitioned(nn.initializers.zeros, ("embed",)),
         )(out)
+
+
+class _Projection(nn.Module):
+    """The parameters of an ``nn.DenseGeneral(features)`` from d_in (kernel (d_in, *features), bias
+    features; the same names, shapes and initialisers), returned rather than applied."""
+
+    features: tuple[int, int]
+
+    @nn.compact
+    def __call__(self, d_in: int):
+        kernel = self.param("kernel", partitioned(DEFAULT_INIT, ("embed", "heads", "kv")), (d_in, *self.features),
+                            jnp.float32)
+        return kernel, self.param("bias", partitioned(nn.initializers.zeros, ("heads", "kv")), self.features,
+                                  jnp.float32)
 
 
 class Embedder(nn.Module):
