@@ -4,6 +4,8 @@
                    sequence-length scaling, sharding overhead, and the LMU kernels below -> <platform>.json/.md
     lmu_memory.py  every LMU memory kernel forward + backward, and what impl="auto" picks
                    (python -m benchmarks.lmu_memory) -> lmu_memory_<platform>.json/.md
+    xla_flags.py   XLA:CPU compiler options against the default on the train step, interleaved in one process
+                   (python -m benchmarks.xla_flags) -> cpu_xla_flags.json/.md
 """
 
 from __future__ import annotations
