@@ -13,10 +13,12 @@ the fused 4-gate matmuls are the same, and so is the speed under autodiff. The b
 own (``lstm_sequence``): the reverse scan does only the recurrent matmul per step, and the input and
 weight gradients are whole-sequence matmuls after it, which makes the step faster on CPU at d >= 512
 (README "Performance"). ``hoist_inputs`` moves the forward
-input-to-gate matmul of every step out of the loop into one big matmul; on CPU (XLA, jax 0.10) that
-measured *slower* (1.5-2x slower forward at widths 64-512), so the default keeps both forward
-matmuls in the loop. Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state
-stays float32.
+input-to-gate matmul of every step out of the loop into one big matmul. On CPU (XLA, jax 0.10) the
+forward alone measured slower hoisted (1.5-2x at widths 64-512), but the whole train step with this
+backward pass, batch 16 x 256, measured 0.98-1.11x the in-loop step at d 256 and 0.78-0.95x at
+d 512-1024 (benchmarks/results/cpu_xla_flags.md, notes; losses within 6.2e-6): ``hoist_inputs=True``
+is the faster setting from d 512. The default stays in the loop so that runs keep their numbers.
+Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state stays float32.
 
 Widths: ``d_model`` is the cell width; ``d_proj`` (if set) is the projected output width, which is
 then also the embedding width and every layer's input width (as in Jozefowicz et al. 2016).
@@ -44,7 +46,8 @@ class LSTMConfig(ModelConfig):
     family: str = "lstm"
     d_proj: int = 0  # LSTMP output projection width (0 = none); also the embedding width when set
     unroll: int = 1  # time steps per lax.scan iteration (a speed knob; results are identical)
-    hoist_inputs: bool = False  # input-to-gate matmul for all steps before the scan (False: inside it; faster on CPU)
+    hoist_inputs: bool = False  # input-to-gate matmul for all steps before the scan (False: inside it); True is
+    #                             faster on CPU from d_model 512 (module docstring)
 
     @property
     def d_out(self) -> int:
