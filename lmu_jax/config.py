@@ -456,7 +456,7 @@ CPU_MICROBATCH_TOKENS = 512
 
 def resolve_auto(cfg: RunConfig, platform: str, data_parallel: int = 1) -> RunConfig:
     """``cfg`` with every ``auto`` speed setting made concrete for `platform` (jax.default_backend()):
-    ``train.microbatches`` and ``model.remat`` (families that have it). The Trainer calls this first, so
+    ``train.microbatches``, and ``model.remat`` and ``model.hoist_inputs`` (families that have them). The Trainer calls this first, so
     the run's config.yaml and checkpoints hold the values used (its run id stays that of the config as
     given: a sweep's planned id names its run directory). Neither changes the update:
     microbatches split the same batch's gradient sum, remat recomputes instead of storing."""

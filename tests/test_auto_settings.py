@@ -32,6 +32,13 @@ def test_cpu_accumulates_in_parts_of_512_tokens():
     assert resolved("gpu", data={"seq_len": 256}, train=train).train.microbatches == 1
 
 
+def test_the_lstm_hoists_its_input_matmul_on_cpu_from_d_512():
+    assert resolved("cpu", model={"family": "lstm", "d_model": 512}).model.hoist_inputs is True
+    assert resolved("cpu", model={"family": "lstm", "d_model": 256}).model.hoist_inputs is False
+    assert resolved("gpu", model={"family": "lstm", "d_model": 1024}).model.hoist_inputs is False
+    assert resolved("cpu", model={"family": "lstm", "d_model": 256, "hoist_inputs": True}).model.hoist_inputs is True
+
+
 def test_remat_is_off_on_cpu_only():
     assert resolved("cpu", model={"family": "lmu"}).model.remat is False
     assert resolved("tpu", model={"family": "lmu_attn", "n_heads": 2}).model.remat is True
@@ -42,7 +49,8 @@ def test_remat_is_off_on_cpu_only():
 @pytest.mark.parametrize("model,override,allowed", [
     ({}, "train.microbatches=some", "auto or a positive int"),
     ({}, "train.microbatches=0", "auto or a positive int"),
-    ({"family": "lmu", "d_model": 32, "n_layers": 1}, "model.remat=maybe", "true, false or auto")])
+    ({"family": "lmu", "d_model": 32, "n_layers": 1}, "model.remat=maybe", "true, false or auto"),
+    ({"family": "lstm", "d_model": 32, "n_layers": 1}, "model.hoist_inputs=maybe", "true, false or auto")])
 def test_bad_auto_values(model, override, allowed, capsys, kjv_cache, tmp_path):
     raw = tiny_config(kjv_cache)
     raw["model"] = model or raw["model"]

@@ -16,9 +16,10 @@ weight gradients are whole-sequence matmuls after it, which makes the step faste
 input-to-gate matmul of every step out of the loop into one big matmul. On CPU (XLA, jax 0.10) the
 forward alone measured slower hoisted (1.5-2x at widths 64-512), but the whole train step with this
 backward pass, batch 16 x 256, measured 0.98-1.11x the in-loop step at d 256 and 0.78-0.95x at
-d 512-1024 (benchmarks/results/cpu_xla_flags.md, notes; losses within 6.2e-6): ``hoist_inputs=True``
-is the faster setting from d 512. The default stays in the loop so that runs keep their numbers.
-Hoisting is the usual win on GPU/TPU; not measured there yet. The cell state stays float32.
+d 512-1024 (benchmarks/results/cpu_xla_flags.md, notes; losses within 6.2e-6). So ``hoist_inputs:
+auto`` (the default) hoists on CPU from d_model 512 (``CPU_HOIST_FROM``) and keeps the matmul in the
+loop elsewhere: the same update either way, summed in another order. Hoisting is the usual win on
+GPU/TPU, but not measured there yet, so auto does not choose it there. The cell state stays float32.
 
 Widths: ``d_model`` is the cell width; ``d_proj`` (if set) is the projected output width, which is
 then also the embedding width and every layer's input width (as in Jozefowicz et al. 2016).
@@ -27,7 +28,7 @@ then also the embedding width and every layer's input width (as in Jozefowicz et
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import flax.linen as nn
 import jax
@@ -37,6 +38,7 @@ from lmu_jax.errors import bad_value
 from lmu_jax.models.base import Family, ModelConfig, ShapeRule, dense_flops
 from lmu_jax.models.layers import Embedder, Norm, dtype_of, partitioned
 
+CPU_HOIST_FROM = 512  # d_model from which the hoisted input matmul made the CPU train step faster
 FORGET_GATE = 1  # gate order along the fused axis: input, forget, cell, output
 LECUN_GATES = nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))  # fan-in = d_in for (d_in, 4, d_hidden)
 
@@ -46,8 +48,8 @@ class LSTMConfig(ModelConfig):
     family: str = "lstm"
     d_proj: int = 0  # LSTMP output projection width (0 = none); also the embedding width when set
     unroll: int = 1  # time steps per lax.scan iteration (a speed knob; results are identical)
-    hoist_inputs: bool = False  # input-to-gate matmul for all steps before the scan (False: inside it); True is
-    #                             faster on CPU from d_model 512 (module docstring)
+    hoist_inputs: bool | str = "auto"  # input-to-gate matmul for all steps before the scan (False: inside it);
+    #                                    auto: True on CPU from d_model CPU_HOIST_FROM (module docstring)
 
     @property
     def d_out(self) -> int:
@@ -60,6 +62,13 @@ class LSTMConfig(ModelConfig):
             raise bad_value("model.d_proj", self.d_proj, "0 (no projection) or a positive int")
         if self.unroll < 1:
             raise bad_value("model.unroll", self.unroll, "a positive int")
+        if self.hoist_inputs not in (True, False, "auto"):
+            raise bad_value("model.hoist_inputs", self.hoist_inputs, "true, false or auto")
+
+    def resolve_auto(self, platform: str) -> "LSTMConfig":
+        if self.hoist_inputs != "auto":
+            return self
+        return replace(self, hoist_inputs=platform == "cpu" and self.d_model >= CPU_HOIST_FROM)
 
 
 def _forget_bias_init(key, shape, dtype=jnp.float32):
@@ -223,7 +232,7 @@ class LSTMLanguageModel(nn.Module):
     def setup(self):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         self.embed = Embedder(cfg.vocab_size, cfg.d_out, cfg.tie_embeddings, dtype)
-        self.layers = [LSTMLayer(cfg.d_model, cfg.d_proj, cfg.unroll, cfg.hoist_inputs, dtype)
+        self.layers = [LSTMLayer(cfg.d_model, cfg.d_proj, cfg.unroll, cfg.hoist_inputs is True, dtype)
                        for _ in range(cfg.n_layers)]
         # A final LayerNorm before the unembedding, as the transformer's: h lies in (-1, 1) and starts
         # ~0.05, so without it the logits start ~0.01 and training sits on the unigram plateau for

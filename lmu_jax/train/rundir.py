@@ -82,9 +82,10 @@ class RunDir:
         self._write_config(cfg)
 
     def with_earlier_choices(self, cfg: RunConfig) -> RunConfig:
-        """``cfg`` with each ``auto`` speed setting (train.microbatches, model.remat) that this run already
-        made concrete taken from its config.yaml: a resumed run keeps its choice, whatever auto would pick
-        now, and a run written before a setting became auto resumes with the value it trained with."""
+        """``cfg`` with each ``auto`` speed setting (train.microbatches, model.remat, model.hoist_inputs) that
+        this run already made concrete taken from its config.yaml: a resumed run keeps its choice, whatever
+        auto would pick now, and a run written before a setting became auto resumes with the value it
+        trained with."""
         try:
             old = yaml.safe_load(self.config_path.read_text()) if self.config_path.exists() else None
         except (yaml.YAMLError, UnicodeDecodeError):
@@ -92,7 +93,7 @@ class RunDir:
         if not isinstance(old, dict):
             return cfg
         sections = {"train": cfg.train, "model": cfg.model}
-        for section, key in (("train", "microbatches"), ("model", "remat")):
+        for section, key in (("train", "microbatches"), ("model", "remat"), ("model", "hoist_inputs")):
             chosen = (old.get(section) or {}).get(key)
             if getattr(sections[section], key, None) == "auto" and chosen not in (None, "auto"):
                 sections[section] = dataclasses.replace(sections[section], **{key: chosen})
