@@ -204,9 +204,24 @@ def test_collect_keeps_seeds_and_the_report_states_the_noise_floor(tmp_path):
     text = report["markdown"].read_text()
     assert f"Noise floor: {floor:.4f} nats per token" in text and "3 (budget, family, size) groups" in text
     assert "2.0000 ± 0.0200" in text  # the transformer's mean ± std
+    assert "per family (pooled over its own groups): Transformer 0.0200; LSTM 0.0200; LMU 0.0100" in text
     lines = {tuple(cell.strip() for cell in line.split("|")[3:5]): line for line in text.splitlines()
              if line.count("|") == 9}
     assert "within noise" in lines["Transformer", "LSTM"] and "σ" in lines["Transformer", "LMU"].split("|")[-2]
+
+
+def test_each_family_has_its_own_noise_floor_and_one_without_seeds_borrows_the_pooled_one():
+    from lmu_jax.report.noise import family_floors
+    from lmu_jax.scaling.compare import difference_with_noise
+
+    stats = [{"family": "lmu", "seeds": [0, 1], "std": 0.05}, {"family": "lmu", "seeds": [0, 1], "std": 0.03},
+             {"family": "transformer", "seeds": [0, 1, 2], "std": 0.01}, {"family": "lstm", "seeds": [0], "std": math.nan}]
+    floors = family_floors(stats)
+    assert floors["lmu"] == pytest.approx(math.sqrt((0.05 ** 2 + 0.03 ** 2) / 2)) and floors["transformer"] == 0.01
+    assert floors["lstm"] == floors[None] == pytest.approx(math.sqrt((0.05 ** 2 + 0.03 ** 2 + 2 * 0.01 ** 2) / 4))
+    # one seed each: each borrows its own family's floor
+    assert difference_with_noise([1.0], [1.1], floors["lmu"], floors["transformer"]).sigma == pytest.approx(
+        math.hypot(floors["lmu"], 0.01))
 
 
 def test_design_brackets_each_budgets_optimum_and_writes_a_spec(tmp_path, kjv_cache):

@@ -3,7 +3,7 @@ does not hold, within noise, or not tested.
 
 1. The LMU beats the transformer at matched compute: per FLOP budget, each family's best size at the
    same training FLOPs C* (the report's equal-FLOPs table), the difference set against its seed
-   standard error (a size of one seed borrows the noise floor).
+   standard error (a size of one seed borrows its family's noise floor).
 2. The LMU is more data-efficient: per budget and ladder size, the tokens the LMU needs to reach the
    transformer's final loss against the transformer's own (the data-efficiency table).
 3. The LMU's per-position loss flattens after ~100 tokens, and global attention fixes it: at the
@@ -49,7 +49,7 @@ def _best_seeds(table, budget, family):
     return best["seeds"][family], best["N"][family]
 
 
-def matched_compute_rows(table, x: str, y: str, floor: float) -> list[list[str]]:
+def matched_compute_rows(table, x: str, y: str, floors: dict) -> list[list[str]]:
     """Per FLOP budget: the best size of X against the best size of Y at equal FLOPs."""
     rows = []
     for budget in dict.fromkeys(r["budget"] for r in table if r["budget"].startswith("flops")):
@@ -57,7 +57,7 @@ def matched_compute_rows(table, x: str, y: str, floor: float) -> list[list[str]]
         seeds_y, n_y = _best_seeds(table, budget, y)
         if seeds_x is None or seeds_y is None:
             continue
-        d = difference_with_noise(seeds_x, seeds_y, floor)
+        d = difference_with_noise(seeds_x, seeds_y, floors.get(x, floors[None]), floors.get(y, floors[None]))
         rows.append([budget, f"{np.mean(seeds_x):.4f} (N={n_x:,}, {_seeds(seeds_x)})",
                      f"{np.mean(seeds_y):.4f} (N={n_y:,}, {_seeds(seeds_y)})", f"{d.diff:+.4f}",
                      f"{d.sigma:.4f}" if math.isfinite(d.sigma) else "–",
@@ -118,7 +118,7 @@ def position_rows(results, families) -> tuple[list[list[str]], dict]:
     return rows, gains
 
 
-def claims_sections(results, equal_flops, efficiency, floor: float, families) -> list[tuple]:
+def claims_sections(results, equal_flops, efficiency, floors: dict, families) -> list[tuple]:
     s = [("h2", "The LMU paper's claims at this scale")]
     s.append(("p", "Each claim of Chilkuri et al. (2021) checked on this sweep's runs (lmu_jax/report/claims.py "
                    "says how): holds, does not hold, or within noise (a difference under 2σ of its seed standard "
@@ -126,7 +126,7 @@ def claims_sections(results, equal_flops, efficiency, floor: float, families) ->
     present = set(families)
     s.append(("h3", "1. The LMU beats the transformer at matched compute"))
     if {"lmu", "transformer"} <= present:
-        rows = matched_compute_rows(equal_flops, "lmu", "transformer", floor)
+        rows = matched_compute_rows(equal_flops, "lmu", "transformer", floors)
         s.append(("table", (["budget", "LMU, best size", "transformer, best size", "Δ (nats)", "σ", "claim"], rows)))
     else:
         s.append(("p", "Not tested: the sweep lacks the LMU or the transformer."))
@@ -157,7 +157,7 @@ def claims_sections(results, equal_flops, efficiency, floor: float, families) ->
                        f"{EARLY[1] + TAIL} tokens at the largest budget."))
     s.append(("h3", "4. LMU + attention beats the LMU"))
     if {"lmu_attn", "lmu"} <= present:
-        rows = matched_compute_rows(equal_flops, "lmu_attn", "lmu", floor)
+        rows = matched_compute_rows(equal_flops, "lmu_attn", "lmu", floors)
         s.append(("table", (["budget", "LMU + attention, best size", "LMU, best size", "Δ (nats)", "σ", "claim"],
                             rows)))
     else:

@@ -2,10 +2,11 @@
 
 Runs that differ only in ``train.seed`` (spec key ``seeds``) form a seed group per (budget, family,
 ladder size). The noise floor is the pooled standard deviation of the final validation loss over the
-groups with >= 2 seeds, sqrt(sum (n_i - 1) s_i² / sum (n_i - 1)). Every comparison is set against it
-(``lmu_jax.scaling.compare.difference_with_noise``): a difference under 2σ of its seed standard error
-is "within noise"; a group of one seed borrows the floor as its scatter. Without seeds the floor is
-unknown and the report says so.
+groups with >= 2 seeds, sqrt(sum (n_i - 1) s_i² / sum (n_i - 1)), per family (families differ: in the
+stdlib study the LMU's seeds scatter 5x more than the transformer's), and over all families for a family
+without seeds. Every comparison is set against it (``lmu_jax.scaling.compare.difference_with_noise``): a
+difference under 2σ of its seed standard error is "within noise"; a group of one seed borrows its
+family's floor as its scatter. Without seeds the floor is unknown and the report says so.
 """
 
 from __future__ import annotations
@@ -46,13 +47,23 @@ def noise_floor(stats) -> tuple[float, int]:
     return math.sqrt(sum((len(s["seeds"]) - 1) * s["std"] ** 2 for s in seeded) / dof), len(seeded)
 
 
+def family_floors(stats) -> dict:
+    """Each family's noise floor (``noise_floor`` over its own groups), the all-family floor for a family
+    without seeds; keyed by family, and ``None`` for the all-family floor."""
+    floors = {None: noise_floor(stats)[0]}
+    for family in dict.fromkeys(s["family"] for s in stats):
+        own, pooled = noise_floor([s for s in stats if s["family"] == family])
+        floors[family] = own if pooled else floors[None]
+    return floors
+
+
 def _verdict(d) -> str:
     if not math.isfinite(d.sigma):
         return "noise unknown (one seed)"
     return "within noise" if d.within_noise else f"{abs(d.diff) / d.sigma:.1f}σ"
 
 
-def equal_flops_differences(table, families, floor) -> list[list[str]]:
+def equal_flops_differences(table, families, floors: dict) -> list[list[str]]:
     """Each pair of families at each (budget, size) row of the equal-FLOPs table: Δ = X - Y ± σ."""
     rows = []
     for row in table:
@@ -61,7 +72,8 @@ def equal_flops_differences(table, families, floor) -> list[list[str]]:
         present = [f for f in families if f in row["seeds"] and all(map(math.isfinite, row["seeds"][f]))]
         for i, x in enumerate(present):
             for y in present[i + 1:]:
-                d = difference_with_noise(row["seeds"][x], row["seeds"][y], floor)
+                d = difference_with_noise(row["seeds"][x], row["seeds"][y], floors.get(x, floors[None]),
+                                          floors.get(y, floors[None]))
                 rows.append([row["budget"], str(row["size"]), plots.label(x), plots.label(y),
                              f"{len(row['seeds'][x])} / {len(row['seeds'][y])}", f"{d.diff:+.4f}",
                              f"{d.sigma:.4f}" if math.isfinite(d.sigma) else "–", _verdict(d)])
@@ -97,17 +109,20 @@ def noise_sections(sweep_dir, results, equal_flops, efficiency, families) -> lis
                        "against seed noise. A spec key `seeds: [0, 1, 2]` (for all runs or a matched subset) "
                        "measures it."))
         return s
+    floors = family_floors(stats)
+    own = "; ".join(f"{plots.label(f)} {v:.4f}" for f, v in floors.items() if f is not None)
     s.append(("p", f"Noise floor: {floor:.4f} nats per token, the pooled standard deviation of the final "
-                   f"validation loss over the seeds of {pooled} (budget, family, size) groups. Differences "
-                   "smaller than twice their seed standard error are marked \"within noise\"; a group of one "
-                   "seed borrows the floor as its scatter (lmu_jax/report/noise.py)."))
+                   f"validation loss over the seeds of {pooled} (budget, family, size) groups; per family "
+                   f"(pooled over its own groups): {own}. Differences smaller than twice their seed standard "
+                   "error are marked \"within noise\"; a group of one seed borrows its family's floor as its "
+                   "scatter (lmu_jax/report/noise.py)."))
     header = ["budget", "family", "size", "N", "seeds", "final val loss, mean ± std"]
     rows = [[st["budget"], plots.label(st["family"]), str(st["size"]), f"{st['N']:,}",
              ", ".join(map(str, st["seeds"])),
              f"{st['mean']:.4f} ± {st['std']:.4f}" if math.isfinite(st["std"]) else f"{st['mean']:.4f} (one seed)"]
             for st in stats]
     s.append(("table", (header, rows)))
-    differences = equal_flops_differences(equal_flops, families, floor)
+    differences = equal_flops_differences(equal_flops, families, floors)
     if differences:
         s.append(("p", "Family against family at equal FLOPs (the table \"Loss at equal FLOPs\", seed means): "
                        "Δ = loss of X - loss of Y, with σ its seed standard error."))

@@ -39,7 +39,7 @@ from lmu_jax import storage
 from lmu_jax.errors import UserError
 from lmu_jax.report import plots
 from lmu_jax.report.claims import claims_sections
-from lmu_jax.report.noise import main_runs, noise_floor, noise_sections, seed_stats
+from lmu_jax.report.noise import family_floors, main_runs, noise_sections, seed_stats
 from lmu_jax.report.prediction import prediction_sections
 from lmu_jax.report.runs import budgets_in_order, load_results
 from lmu_jax.report.stability import flagged, run_spikes, stability_sections
@@ -472,7 +472,7 @@ def build_sections(spec, results, collected, fits, families, bootstrap, figures)
     s += fit_sections(fits, bootstrap)
     s += prediction_sections(spec, fits["isoflop"])
     s += claims_sections(results, equal_flops, efficiency if collected["curves"] else [],
-                         noise_floor(seed_stats(results))[0], families)
+                         family_floors(seed_stats(results)), families)
     s.append(("h2", "Figures"))
     for stem, caption in FIGURES:
         if stem in figures:

@@ -118,14 +118,15 @@ class Difference:
     within_noise: bool  # |diff| < 2 sigma (False when sigma is unknown: no seeds and no floor)
 
 
-def difference_with_noise(a, b, floor: float = math.nan) -> Difference:
-    """The difference of two groups' means set against seed noise (each group: one value per seed)."""
-    def variance(values):
-        return float(np.var(values, ddof=1)) if values.size > 1 else floor ** 2
+def difference_with_noise(a, b, floor: float = math.nan, floor_b: float | None = None) -> Difference:
+    """The difference of two groups' means set against seed noise (each group: one value per seed). A
+    group of one seed borrows a floor as its scatter: ``floor`` for a, ``floor_b`` (default ``floor``) for b."""
+    def variance(values, borrowed):
+        return float(np.var(values, ddof=1)) if values.size > 1 else borrowed ** 2
 
     a, b = np.asarray(a, dtype=float).ravel(), np.asarray(b, dtype=float).ravel()
     diff = float(a.mean() - b.mean())
-    sigma = math.sqrt(variance(a) / a.size + variance(b) / b.size)
+    sigma = math.sqrt(variance(a, floor) / a.size + variance(b, floor if floor_b is None else floor_b) / b.size)
     return Difference(diff, sigma, bool(math.isfinite(sigma) and abs(diff) < 2 * sigma))
 
 
