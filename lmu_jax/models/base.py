@@ -32,6 +32,12 @@ class ModelConfig:
         """Fill what comes from the data (vocabulary; families add e.g. theta = seq_len)."""
         return dataclasses.replace(self, vocab_size=self.vocab_size or vocab_size)
 
+    @staticmethod
+    def check_auto_flag(name: str, value) -> None:
+        """A speed setting that is true, false or auto (``resolve_auto`` makes auto concrete)."""
+        if value not in (True, False, "auto"):
+            raise bad_value(f"model.{name}", value, "true, false or auto")
+
     def resolve_auto(self, platform: str) -> "ModelConfig":
         """This config with its ``auto`` speed settings made concrete for `platform` (the model's share of
         ``lmu_jax.config.resolve_auto``); a family with such a key overrides this."""

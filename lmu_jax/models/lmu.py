@@ -91,8 +91,7 @@ class LMUConfig(ModelConfig):
             raise bad_value("model.d_ff", self.d_ff, "0 (4*d_model) or a positive int")
         if self.attn_scale < 0:
             raise bad_value("model.attn_scale", self.attn_scale, "0 (1/sqrt(d_model)) or a positive number")
-        if self.remat not in (True, False, "auto"):
-            raise bad_value("model.remat", self.remat, "true, false or auto")
+        self.check_auto_flag("remat", self.remat)
 
     def resolved(self, vocab_size: int, seq_len: int) -> "LMUConfig":
         cfg = super().resolved(vocab_size, seq_len)

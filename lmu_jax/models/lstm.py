@@ -62,8 +62,7 @@ class LSTMConfig(ModelConfig):
             raise bad_value("model.d_proj", self.d_proj, "0 (no projection) or a positive int")
         if self.unroll < 1:
             raise bad_value("model.unroll", self.unroll, "a positive int")
-        if self.hoist_inputs not in (True, False, "auto"):
-            raise bad_value("model.hoist_inputs", self.hoist_inputs, "true, false or auto")
+        self.check_auto_flag("hoist_inputs", self.hoist_inputs)
 
     def resolve_auto(self, platform: str) -> "LSTMConfig":
         if self.hoist_inputs != "auto":

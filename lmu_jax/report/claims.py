@@ -20,6 +20,7 @@ import math
 import numpy as np
 
 from lmu_jax.report import plots
+from lmu_jax.report.noise import floor_of
 from lmu_jax.scaling.compare import difference_with_noise
 
 EARLY = (50, 100)  # positions whose mean loss is the reference for the gain from longer context
@@ -57,7 +58,7 @@ def matched_compute_rows(table, x: str, y: str, floors: dict) -> list[list[str]]
         seeds_y, n_y = _best_seeds(table, budget, y)
         if seeds_x is None or seeds_y is None:
             continue
-        d = difference_with_noise(seeds_x, seeds_y, floors.get(x, floors[None]), floors.get(y, floors[None]))
+        d = difference_with_noise(seeds_x, seeds_y, floor_of(floors, x), floor_of(floors, y))
         rows.append([budget, f"{np.mean(seeds_x):.4f} (N={n_x:,}, {_seeds(seeds_x)})",
                      f"{np.mean(seeds_y):.4f} (N={n_y:,}, {_seeds(seeds_y)})", f"{d.diff:+.4f}",
                      f"{d.sigma:.4f}" if math.isfinite(d.sigma) else "–",

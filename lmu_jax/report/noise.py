@@ -57,6 +57,11 @@ def family_floors(stats) -> dict:
     return floors
 
 
+def floor_of(floors: dict, family: str) -> float:
+    """A family's floor from ``family_floors``: the all-family one for a family it does not name."""
+    return floors.get(family, floors[None])
+
+
 def _verdict(d) -> str:
     if not math.isfinite(d.sigma):
         return "noise unknown (one seed)"
@@ -72,8 +77,8 @@ def equal_flops_differences(table, families, floors: dict) -> list[list[str]]:
         present = [f for f in families if f in row["seeds"] and all(map(math.isfinite, row["seeds"][f]))]
         for i, x in enumerate(present):
             for y in present[i + 1:]:
-                d = difference_with_noise(row["seeds"][x], row["seeds"][y], floors.get(x, floors[None]),
-                                          floors.get(y, floors[None]))
+                d = difference_with_noise(row["seeds"][x], row["seeds"][y], floor_of(floors, x),
+                                          floor_of(floors, y))
                 rows.append([row["budget"], str(row["size"]), plots.label(x), plots.label(y),
                              f"{len(row['seeds'][x])} / {len(row['seeds'][y])}", f"{d.diff:+.4f}",
                              f"{d.sigma:.4f}" if math.isfinite(d.sigma) else "–", _verdict(d)])

@@ -4,8 +4,9 @@
 family's predicted N_opt, D_opt and L_opt at a FLOP budget C that has not been run, with intervals; the
 file is committed before budget C is added to the spec, so git history shows that the prediction came
 first. A later entry for the same family (a refit with more runs, also committed before C ran) carries a
-``label`` that says what changed. Once C has run, the report puts the IsoFLOP minimum measured at C (that budget's own parabola)
-beside each prediction and says whether it lies inside the predicted interval. ``<results>`` is the
+``label`` that says what changed. Once C has run, the report puts the IsoFLOP minimum measured at C
+(that budget's own parabola) beside each prediction and says whether it lies inside the predicted
+interval. ``<results>`` is the
 spec's ``results`` directory, relative to the directory the report is built from (the repository root).
 """
 
