@@ -10,7 +10,10 @@ SCH-TXL and the QRNN hybrid: d_model alone):
 
 - transformer: the base config's aspect ratio d_model / n_layers is kept (default 128 / 2 = 64):
   n_layers = round((N / (12 a²))^(1/3)) (from N ≈ 12 L d², d = a L), then d_model is solved at that
-  depth. Heads are ~64 wide: n_heads = max(1, d // 64), and the head width must be even (rotary), so
+  depth. Below ~170k parameters that gives one layer, which cannot compose two attention heads; a
+  study comparing it with 2-layer LSTMs or LMUs wants ``rule="fixed_depth"``: the base's n_layers
+  kept, d_model solved (a one-layer transformer at 107k lost 0.096 nats to a two-layer one at 1e13
+  FLOPs, experiments/results/cpu_scaling_pystdlib/depth_check). Heads are ~64 wide: n_heads = max(1, d // 64), and the head width must be even (rotary), so
   tiny models get fewer heads (one head below d = 128).
 - lstm: n_layers (and d_proj / d_model, if the base has a projection) fixed; d_model solved.
 - lmu, lmu_attn: n_layers, order, q_reduced, d_ff / d_model fixed; d_model solved; lmu_attn heads
@@ -124,7 +127,8 @@ def solve(family: str, target_non_embedding_params: float, *, base_cfg: ModelCon
     base_cfg supplies everything the rule keeps fixed (default: the family's defaults). The result
     is ``base_cfg`` with its shape keys replaced, unresolved (theta = 0 still means seq_len);
     seq_len and vocab_size are only used to build the model for counting. rule: "search" (every
-    family; within 5 % of the target) or "paper" (lmu, lmu_attn: d = sqrt(N/24), no search).
+    family; within 5 % of the target), "fixed_depth" (the same, but families whose depth follows the
+    target keep the base's n_layers) or "paper" (lmu, lmu_attn: d = sqrt(N/24), no search).
     """
     fam = get_family(family)
     base = base_cfg if base_cfg is not None else fam.config_cls(family=family)
@@ -136,10 +140,10 @@ def solve(family: str, target_non_embedding_params: float, *, base_cfg: ModelCon
         if not fam.shape_rule.paper_width:
             raise bad_value("rule", rule, "'search' for this family ('paper' is the LMU width rule)")
         return _with_width(base, paper_width(target_non_embedding_params))
-    if rule != "search":
-        raise bad_value("rule", rule, "search or paper")
+    if rule not in ("search", "fixed_depth"):
+        raise bad_value("rule", rule, "search, fixed_depth or paper")
 
-    if fam.shape_rule.depth:
+    if fam.shape_rule.depth and rule == "search":
         aspect = base.d_model / base.n_layers
         ideal_layers = (target_non_embedding_params / (12 * aspect**2)) ** (1 / 3)
         depths = sorted({max(1, math.floor(ideal_layers)), max(1, math.ceil(ideal_layers))},

@@ -27,6 +27,7 @@ import numpy as np
 import pytest
 
 from lmu_jax.config import load_config
+from lmu_jax.errors import UserError
 from lmu_jax.flops import param_counts, xla_flops
 from lmu_jax.models import FAMILIES, build_model
 from lmu_jax.models.base import attention_flops
@@ -153,6 +154,19 @@ def test_solver_keeps_the_base_configs_fixed_keys():
     cfg = solve("lmu", 300_000, base_cfg=base, seq_len=64, vocab_size=VOCAB)
     assert (cfg.n_layers, cfg.order, cfg.q_reduced, cfg.theta) == (3, 32, 4, 0.0)
     assert abs(non_embedding_params(cfg, 64, VOCAB) / 300_000 - 1) <= 0.05
+
+
+def test_fixed_depth_rule_keeps_the_transformers_layers():
+    """The default rule gives a 107k transformer one layer (aspect 64); fixed_depth keeps the base's
+    two and solves the width, as the LSTM's and LMU's rules do."""
+    assert solve("transformer", 107_000, seq_len=256).n_layers == 1
+    for target in (6_400, 107_000, 430_000):
+        cfg = solve("transformer", target, seq_len=256, rule="fixed_depth")
+        assert cfg.n_layers == 2
+        assert abs(non_embedding_params(cfg, 256, 256) / target - 1) <= 0.05
+    assert solve("transformer", 107_000, seq_len=256, rule="fixed_depth").d_model == 66
+    with pytest.raises(UserError, match="search, fixed_depth or paper"):
+        solve("transformer", 107_000, rule="widest")
 
 
 def test_paper_width_rule():

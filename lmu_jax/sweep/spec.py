@@ -6,7 +6,8 @@ shape per family by ``lmu_jax.sizing``) and budgets, plus a ``base`` RunConfig d
     name: demo
     families: [transformer, lstm, lmu]
     sizes: [20000, 60000, 180000]          # target non-embedding parameters
-    sizing_rules: {lmu: paper}             # optional, per family: search (default) | paper (d = sqrt(N/24))
+    sizing_rules: {lmu: paper}             # optional, per family: search (default) | fixed_depth (the
+                                           # transformer keeps the base's n_layers) | paper (d = sqrt(N/24))
     budgets:
       flops: [3.0e12]                      # training FLOPs per run (model_flops_per_token convention)
       tokens: []                           # and/or token budgets (FLOPs then differ across runs)
@@ -84,7 +85,7 @@ from lmu_jax.models import FAMILIES, feeds_carry
 SPEC_KEYS = ("name", "description", "families", "sizes", "sizing_rules", "budgets", "warmup_fraction",
              "evals_per_run", "base", "family_overrides", "run_overrides", "throughput", "seeds", "branches",
              "lr_grid", "results")
-SIZING_RULES = ("search", "paper")
+SIZING_RULES = ("search", "fixed_depth", "paper")
 BUDGET_KINDS = ("flops", "tokens")
 MATCH_KEYS = ("family", "size", "budget")
 HORIZON_SCHEDULES = ("cosine", "wsd")
