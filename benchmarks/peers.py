@@ -15,6 +15,10 @@ LSTM LM on ``torch.nn.LSTM``, trained by ``torch.optim.AdamW`` after ``clip_grad
 
 ``torch.nn.LSTM`` has two gate biases per layer (b_ih + b_hh) where ours has one: the peer's b_hh is
 held at zero and frozen (``requires_grad=False``), so the trained parameters are ours one for one.
+On CPU, float32, ``torch.nn.LSTM`` runs oneDNN's fused RNN primitive (one library kernel per layer,
+forward and backward); with ``onednn=False`` the peer runs PyTorch's own per-time-step loop instead
+(``torch.backends.mkldnn`` off), the path of any LSTM variant that oneDNN does not implement. The bench
+times the LSTM both ways, so that the table separates that one kernel from the rest.
 tests/test_peers.py checks the counts and that two steps from the same weights give our losses.
 """
 
@@ -210,9 +214,10 @@ def torch_train_step(module, optimizer, windows, lr: float, grad_clip: float) ->
 class Peer:
     """A peer of a run's program (lmu_jax/train/builder.py): our initial parameters, our optimizer settings."""
 
-    def __init__(self, program, state, compile_: bool = False):
+    def __init__(self, program, state, compile_: bool = False, onednn: bool = True):
         import torch
 
+        self.onednn = onednn
         self.module = torch_model(program.model_cfg)
         decayed = load_flax_params(self.module, state["params"], program.model_cfg)
         self.optimizer = torch_optimizer(self.module, decayed, program.cfg.optim)
@@ -226,7 +231,8 @@ class Peer:
         windows = torch.from_numpy(np.asarray(batch, dtype=np.int64))
         lr = float(self.schedule(self.step_count))
         self.step_count += 1
-        return float(torch_train_step(self.forward, self.optimizer, windows, lr, self.grad_clip))
+        with torch.backends.mkldnn.flags(enabled=self.onednn):
+            return float(torch_train_step(self.forward, self.optimizer, windows, lr, self.grad_clip))
 
 
 def compare(cfg, devices, rounds: int, compile_: bool) -> dict:
@@ -244,6 +250,8 @@ def compare(cfg, devices, rounds: int, compile_: bool) -> dict:
     batches = [inputs(i) for i in range(4)]
     host_batches = [np.asarray(jax.device_get(b[0])) for b in batches]
     peers = {"torch_eager": Peer(program, state)}
+    if program.model_cfg.family == "lstm":
+        peers["torch_eager_no_onednn"] = Peer(program, state, onednn=False)
     if compile_:
         peers["torch_compile"] = Peer(program, state, compile_=True)
     compiled = program.train_step.lower(state, *batches[0]).compile()

@@ -769,12 +769,16 @@ def _peers_markdown(results: dict) -> list[str]:
     if peers.get("skipped"):
         return lines + [f"Not run: {peers['skipped']}."]
     compiled = any("torch_compile_step_s" in p for p in peers["points"])
+    plain = any("torch_eager_no_onednn_step_s" in p for p in peers["points"])
     lines += [f"Our Trainer's step at our default settings against the same model in PyTorch {peers['torch_version']} "
               "(same parameters, copied from ours; forward + backward + clip + AdamW, float32), interleaved one "
-              "step a side per round; medians. ours ÷ theirs < 1: ours is faster.", "",
+              "step a side per round; medians. ours ÷ theirs < 1: ours is faster."
+              + (" The LSTM also without oneDNN: torch.nn.LSTM then runs PyTorch's per-time-step loop instead of "
+                 "oneDNN's fused RNN kernel." if plain else ""), "",
               "| family | d_model | layers | batch x tokens | params | microbatches | ours s | torch eager s | "
-              "ours ÷ eager |" + (" torch.compile s | ours ÷ compiled |" if compiled else ""),
-              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if compiled else "")]
+              "ours ÷ eager |" + (" eager, no oneDNN s | ours ÷ that |" if plain else "")
+              + (" torch.compile s | ours ÷ compiled |" if compiled else ""),
+              "|---|---|---|---|---|---|---|---|---|" + ("---|---|" if plain else "") + ("---|---|" if compiled else "")]
     for p in peers["points"]:
         head = f"| {p['family']} | {p['d_model']} | {p['n_layers']} | {p['batch_size']} x {p['seq_len']} |"
         if "error" in p:
@@ -782,6 +786,9 @@ def _peers_markdown(results: dict) -> list[str]:
             continue
         row = (f"{head} {p['params']:,} | {p['microbatches']} | {p['ours_step_s']:.3f} | "
                f"{p['torch_eager_step_s']:.3f} | {p['ours_over_torch_eager']:.2f} |")
+        if plain:
+            row += (f" {_fmt(p.get('torch_eager_no_onednn_step_s'), '.3f', '–')} | "
+                    f"{_fmt(p.get('ours_over_torch_eager_no_onednn'), '.2f', '–')} |")
         if compiled:
             row += f" {_fmt(p.get('torch_compile_step_s'), '.3f')} | {_fmt(p.get('ours_over_torch_compile'))} |"
         lines.append(row)

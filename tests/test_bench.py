@@ -112,4 +112,7 @@ def test_quick_peers_bench(tmp_path):
     assert point["family"] == "lstm" and point["torch_params"] == point["params"]
     assert point["ours_step_s"] > 0 and point["torch_eager_step_s"] > 0
     assert point["ours_over_torch_eager"] == pytest.approx(point["ours_step_s"] / point["torch_eager_step_s"])
-    assert "| lstm | 64 | 1 | 4 x 64 |" in (tmp_path / "cpu_peers_quick.md").read_text()
+    assert point["ours_over_torch_eager_no_onednn"] == pytest.approx(
+        point["ours_step_s"] / point["torch_eager_no_onednn_step_s"])  # the LSTM also without oneDNN's kernel
+    markdown = (tmp_path / "cpu_peers_quick.md").read_text()
+    assert "| lstm | 64 | 1 | 4 x 64 |" in markdown and "| eager, no oneDNN s | ours ÷ that |" in markdown

@@ -28,11 +28,13 @@ def build(family, kjv_cache, **extra):
     return program, StepInputs(program, cache)
 
 
-@pytest.mark.parametrize("family,extra", [("transformer", {"positions": "learned"}), ("lstm", {})])
-def test_peer_matches_our_step(family, extra, kjv_cache):
+@pytest.mark.parametrize("family,extra,onednn", [("transformer", {"positions": "learned"}, True),
+                                                 ("lstm", {}, True), ("lstm", {}, False)])
+def test_peer_matches_our_step(family, extra, onednn, kjv_cache):
+    """onednn=False: torch.nn.LSTM's own per-time-step loop instead of oneDNN's RNN kernel, the same math."""
     program, inputs = build(family, kjv_cache, **extra)
     state = program.init_state()
-    peer = peers.Peer(program, state)
+    peer = peers.Peer(program, state, onednn=onednn)
     trainable = [t for t in peer.module.parameters() if t.requires_grad]
     assert sum(t.numel() for t in trainable) == program.counts["total"]
 
