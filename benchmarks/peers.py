@@ -42,6 +42,23 @@ def torch_available() -> str | None:
     return None
 
 
+def torch_matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 3) -> float:
+    """Best-of-`repeats` GFLOP/s of a float32 (rows x inner) @ (inner x cols) ``torch.mm`` here: the same
+    shapes as ``benchmarks.suite.measure_model_matmuls`` times in XLA, so the two dot libraries compare
+    directly."""
+    import torch
+
+    generator = torch.Generator().manual_seed(0)
+    x, w = (torch.randn(shape, generator=generator) for shape in ((rows, inner), (inner, cols)))
+    torch.mm(x, w)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(x, w)
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * rows * inner * cols / best / 1e9
+
+
 def _modules():
     import torch
     from torch import nn

@@ -535,8 +535,16 @@ def run(quick: bool = False, families=FAMILIES, sections=SECTIONS, peers_compile
     dtype = compute_dtype()
     ceiling_start = measure_ceiling(grid["ceiling_size"], grid["copy_mib"], device)
     print(f"ceiling: {ceiling_start}", flush=True)
-    model_matmuls = measure_model_matmuls((max(grid["tokens_per_step"]), grid["microbatch_tokens"]), grid["d_models"],
-                                          dtype, device)
+    row_counts = (max(grid["tokens_per_step"]), grid["microbatch_tokens"])
+    if "peers" in sections:  # and the rows of the LSTM's per-time-step matmul (its batch)
+        row_counts += (grid["peers"]["batch_size"],)
+    model_matmuls = measure_model_matmuls(row_counts, grid["d_models"], dtype, device)
+    if "peers" in sections and dtype == "float32":
+        from benchmarks import peers
+
+        if peers.torch_available() is None:  # the same shapes in PyTorch's dot library, beside XLA's
+            for m in model_matmuls:
+                m["torch_gflops"] = peers.torch_matmul_gflops(m["rows"], m["d_model"], 4 * m["d_model"])
     print(f"model-shape matmuls: {model_matmuls}", flush=True)
     seconds = {"ceiling": time.time() - started}  # per section, to size the grids
     results = {"platform": jax.default_backend(), "device": str(device.device_kind), "jax_version": jax.__version__,
@@ -737,13 +745,18 @@ def to_markdown(results: dict) -> str:
                        ("copy_gb_per_s", f"copy {c['start']['copy_mib']} MiB (read + write), GB/s")):
         lines.append(f"| {label} | {c['start'][key]:.1f} | {c['end'][key]:.1f} | {c[key]:.1f} |")
     if c.get("model_matmuls"):
+        torch_too = any("torch_gflops" in m for m in c["model_matmuls"])
         lines += ["", "The models' own matmul shapes (the FFN up-projection, rows = tokens per step or per "
-                  "microbatch): how fast XLA runs them here, an upper bound on the MFU of a step made of such "
-                  "matmuls.", "",
-                  "| matmul | GFLOP/s | of the ceiling |", "|---|---|---|"]
+                  "microbatch; with the peers also the batch, the rows of the LSTM's per-time-step matmul): how fast XLA runs them here, an upper bound on the MFU of a step made of such "
+                  "matmuls" + (", and how fast PyTorch's torch.mm runs the same ones." if torch_too else "."), "",
+                  "| matmul | GFLOP/s | of the ceiling |" + (" torch.mm GFLOP/s | XLA ÷ torch speed |" if torch_too else ""),
+                  "|---|---|---|" + ("---|---|" if torch_too else "")]
         for m in c["model_matmuls"]:
-            lines.append(f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) {m['dtype']} | "
-                         f"{m['gflops']:.1f} | {m['of_ceiling']:.0%} |")
+            row = (f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) {m['dtype']} | "
+                   f"{m['gflops']:.1f} | {m['of_ceiling']:.0%} |")
+            if torch_too:
+                row += f" {m['torch_gflops']:.1f} | {m['gflops'] / m['torch_gflops']:.2f} |"
+            lines.append(row)
     lines += ["", "## Goals", "", "| goal | measured | at | target | status |", "|---|---|---|---|---|"]
     for g in results["goals"]:
         lines.append(f"| {g['goal']} | {_fmt(g['value'], '.3f')} | {g.get('at') or '-'} | {g['target']} | "

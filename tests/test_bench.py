@@ -114,5 +114,8 @@ def test_quick_peers_bench(tmp_path):
     assert point["ours_over_torch_eager"] == pytest.approx(point["ours_step_s"] / point["torch_eager_step_s"])
     assert point["ours_over_torch_eager_no_onednn"] == pytest.approx(
         point["ours_step_s"] / point["torch_eager_no_onednn_step_s"])  # the LSTM also without oneDNN's kernel
+    for matmul in results["ceiling"]["model_matmuls"]:  # the same shapes in torch.mm, beside XLA's
+        assert matmul["torch_gflops"] > 0
     markdown = (tmp_path / "cpu_peers_quick.md").read_text()
+    assert "| torch.mm GFLOP/s | XLA ÷ torch speed |" in markdown
     assert "| lstm | 64 | 1 | 4 x 64 |" in markdown and "| eager, no oneDNN s | ours ÷ that |" in markdown
