@@ -6,6 +6,8 @@
                    (python -m benchmarks.lmu_memory) -> lmu_memory_<platform>.json/.md
     xla_flags.py   XLA:CPU compiler options against the default on the train step, interleaved in one process
                    (python -m benchmarks.xla_flags) -> cpu_xla_flags.json/.md
+    step_profile.py  where the train step's time goes, per dot shape, from a jax.profiler trace
+                   (python -m benchmarks.step_profile) -> cpu_step_profile.json/.md
 """
 
 from __future__ import annotations

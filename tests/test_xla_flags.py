@@ -1,8 +1,10 @@
-"""benchmarks/xla_flags.py: variants of the train step compiled with other XLA options, timed interleaved,
+"""benchmarks/xla_flags.py and step_profile.py. xla_flags: variants of the train step compiled with other XLA options, timed interleaved,
 their losses compared with the default's, an option this build rejects recorded as an error."""
 
 from __future__ import annotations
 
+from benchmarks.step_profile import dot_signatures, profile
+from benchmarks.step_profile import to_markdown as profile_markdown
 from benchmarks.xla_flags import VARIANTS, compare, to_markdown
 
 
@@ -17,3 +19,25 @@ def test_variants_are_timed_and_their_losses_compared(kjv_cache):
     assert "not a valid enum value" in rejected["error"]
     markdown = to_markdown({"cpu": "test", "jax": "x", "points": [point], "notes": ["a note"]})
     assert "| vector width 512 |" in markdown and "| rejected | failed:" in markdown and "- a note" in markdown
+
+
+def test_step_profile_groups_every_dot_by_its_signature(kjv_cache):
+    """The LSTM's forward matmul and its backward ones show apart, with their calls per step; the shares
+    are of the traced op time."""
+    point = profile("lstm", 16, str(kjv_cache), steps=2)
+    assert point["step_s"] > 0 and 0 < point["dot_share"] <= 1
+    signatures = [d["signature"] for d in point["dots"]]
+    assert len(set(signatures)) == len(signatures) >= 3
+    assert any(d["calls_per_step"] >= 256 for d in point["dots"])  # the per-time-step matmuls of the scans
+    assert all(d["gflops"] > 0 and 0 < d["share"] <= 1 for d in point["dots"])
+    markdown = profile_markdown({"cpu": "test", "jax": "x", "load": [1.0, 1.0], "points": [point]})
+    assert "## lstm d 16, 2 layers" in markdown and "| calls per step |" in markdown
+
+
+def test_dot_signature_reads_shapes_and_contracting_dims():
+    import jax
+    import jax.numpy as jnp
+
+    compiled = jax.jit(lambda a, w: a @ w.T).lower(jnp.ones((8, 4)), jnp.ones((16, 4))).compile()
+    (signature,) = set(dot_signatures(compiled.as_text()).values())
+    assert signature.startswith("f32[8,4] x f32[16,4] -> f32[8,16], contract 1/1")

@@ -1,0 +1,156 @@
+"""Where a train step's time goes, dot shape by dot shape, at the PyTorch peers' shapes.
+
+    python -m benchmarks.step_profile [--shapes transformer:256,lstm:256] [--steps 6]
+        -> benchmarks/results/cpu_step_profile.json and .md
+
+For each (family, d_model): the Trainer's jitted step at our default settings (the model of
+benchmarks/xla_flags.py: the peers' 4-layer transformer and 2-layer LSTM, batch 16 x 256), its median
+time, then two steps under ``jax.profiler``. Every dot product of the compiled step is grouped by its
+signature (operand and output shapes, contracting and batch dimensions), so that the forward matmul,
+its two backward matmuls (one of them against the transposed weight) and the attention's batched dots
+show apart: calls per step, share of all op time, speed. Op time is summed over the threads that run ops
+side by side, so a dot's speed here (its FLOPs over its own duration) can lie below the same matmul
+timed alone (the bench's ceiling section) when ops overlap; the ranking is what this is for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform as host_platform
+import re
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from benchmarks import write_json_and_markdown
+from benchmarks.suite import dot_flops_per_instruction, instruction_events, model_section, run_config, trace_steps
+from benchmarks.xla_flags import BATCH, N_LAYERS, SEQ_LEN
+
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])")
+
+
+def dot_signatures(hlo_text: str) -> dict[str, str]:
+    """{instruction: signature} for every instruction of the compiled module that is a dot or a fusion of
+    dots (the names of ``dot_flops_per_instruction``), e.g. ``f32[512,256] x f32[1024,256] -> f32[512,1024],
+    contract 1/1``: the rhs contracted on its dim 1 is a matmul against a transposed weight."""
+    shapes, dots, calls, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = _INSTRUCTION.match(line)
+        if not m:
+            continue
+        name, shape = m.groups()
+        shapes[name] = shape
+        called = re.search(r"calls=%([\w.\-]+)", line)
+        if called:
+            calls[name] = called.group(1)
+        operands = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
+        if operands:
+            lhs, rhs = operands.groups()
+            contract = "/".join(re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", line).group(1)
+                                for side in ("lhs", "rhs"))
+            batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", line)
+            signature = (f"{shapes.get(lhs, '?')} x {shapes.get(rhs, '?')} -> {shape}, contract {contract}"
+                         + (f", batch {batch.group(1)}" if batch else ""))
+            dots.setdefault(computation, []).append((name, signature))
+    fused = set(calls.values())
+    out = {name: "; ".join(s for _, s in dots[c]) for name, c in calls.items() if c in dots}
+    out.update({name: s for c, ds in dots.items() if c not in fused for name, s in ds})
+    return out
+
+
+def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12) -> dict:
+    """The traced op time per step, its dot share, the `top` dot signatures and the other op kinds."""
+    flops, signatures = dot_flops_per_instruction(hlo_text), dot_signatures(hlo_text)
+    total = sum(ns for ns, _ in events.values())
+    groups: dict[str, list] = {}
+    others: dict[str, float] = {}
+    for op, (ns, calls) in events.items():
+        if op in flops and op in signatures:
+            group = groups.setdefault(signatures[op], [0.0, 0.0, 0])
+            group[0] += ns
+            group[1] += calls * flops[op]
+            group[2] += calls
+        else:
+            stem, _, suffix = op.rpartition(".")
+            kind = stem if stem and suffix.isdigit() else op
+            others[kind] = others.get(kind, 0.0) + ns
+    dots = [{"signature": sig, "calls_per_step": calls // steps, "ms_per_step": ns / steps / 1e6,
+             "share": ns / total, "gflops": flop / ns} for sig, (ns, flop, calls) in groups.items()]
+    dots.sort(key=lambda d: -d["ms_per_step"])
+    dot_ns = sum(g[0] for g in groups.values())
+    return {"op_ms_per_step": total / steps / 1e6, "dot_share": dot_ns / total if total else 0.0,
+            "dots": dots[:top], "other_ops": {k: v / total for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:6]}}
+
+
+def profile(family: str, d_model: int, cache_dir: str, steps: int = 6) -> dict:
+    from lmu_jax.train.loop import StepInputs, open_program
+
+    extra = {"positions": "learned"} if family == "transformer" else {}
+    cfg = run_config(model_section(family, d_model, N_LAYERS[family], "float32", **extra), SEQ_LEN, BATCH,
+                     cache_dir, 1_000_000, microbatches="auto")
+    program, cache = open_program(cfg, jax.devices()[:1])
+    state, inputs = program.init_state(), StepInputs(program, cache)
+    batch = inputs(0)
+    compiled = program.train_step.lower(state, *batch).compile()
+    state, _ = compiled(state, *batch)  # warm-up
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, *batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="lmu_jax_profile_") as trace_dir:
+        trace_steps(compiled, state, batch, Path(trace_dir), steps=2)
+        events = instruction_events(Path(trace_dir))
+    return {"family": family, "d_model": d_model, "n_layers": N_LAYERS[family], "microbatches": program.cfg.train.microbatches,
+            "step_s": statistics.median(times), **breakdown(compiled.as_text(), events, steps=2)}
+
+
+def to_markdown(results: dict) -> str:
+    lines = [f"# Where the train step's time goes ({results['cpu']}, jax {results['jax']})", "",
+             "Each step: our default settings, float32, batch 16 x 256 (`python -m benchmarks.step_profile`; module "
+             "docstring). Dot products grouped by signature; op time is summed over the threads that run ops side "
+             "by side, so a dot's speed here can lie below the same matmul timed alone; one above the machine's "
+             "ceiling is a dot whose work the trace does not time. "
+             f"1-min load average {results['load'][0]:.1f} at the start, {results['load'][1]:.1f} at the end.", ""]
+    for p in results["points"]:
+        lines += [f"## {p['family']} d {p['d_model']}, {p['n_layers']} layers, {p['microbatches']} microbatch(es)", "",
+                  f"Step {p['step_s'] * 1e3:.0f} ms; op time {p['op_ms_per_step']:.0f} ms per step, "
+                  f"{p['dot_share']:.0%} of it in dots.", "",
+                  "| dot (operands -> output, contracting dims lhs/rhs) | calls per step | ms per step | share of op time | GFLOP/s |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {d['signature']} | {d['calls_per_step']} | {d['ms_per_step']:.1f} | {d['share']:.1%} | "
+                  f"{d['gflops']:.0f} |" for d in p["dots"]]
+        lines += ["", "Other op kinds: " + ", ".join(f"{k} {v:.1%}" for k, v in p["other_ops"].items()) + ".", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="transformer:256,lstm:256", help="family:d_model, comma-separated")
+    parser.add_argument("--steps", type=int, default=6, help="timed steps per shape (median)")
+    parser.add_argument("--out", default="benchmarks/results", help="directory for cpu_step_profile.json/.md")
+    args = parser.parse_args(argv)
+    shapes = [(family, int(d)) for family, d in (s.split(":") for s in args.shapes.split(","))]
+    load_start = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="lmu_jax_profile_data_") as cache:
+        points = [profile(family, d, cache, args.steps) for family, d in shapes]
+    results = {"cpu": f"{jax.default_backend()}, {os.cpu_count()} CPUs, {host_platform.machine()}",
+               "jax": jax.__version__, "load": [load_start, os.getloadavg()[0]], "quick": False, "points": points}
+    for path in write_json_and_markdown(Path(args.out), f"{jax.default_backend()}_step_profile", results,
+                                        to_markdown(results)):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
