@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform as host_platform
-import re
 import statistics
 import tempfile
 import time
@@ -27,62 +26,25 @@ from pathlib import Path
 import jax
 
 from benchmarks import write_json_and_markdown
-from benchmarks.suite import dot_flops_per_instruction, instruction_events, model_section, run_config, trace_steps
+from benchmarks.suite import dot_instructions, instruction_events, model_section, op_kind, run_config, trace_steps
 from benchmarks.xla_flags import BATCH, N_LAYERS, SEQ_LEN
-
-_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) \(")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+\[[\d,]*\])")
-
-
-def dot_signatures(hlo_text: str) -> dict[str, str]:
-    """{instruction: signature} for every instruction of the compiled module that is a dot or a fusion of
-    dots (the names of ``dot_flops_per_instruction``), e.g. ``f32[512,256] x f32[1024,256] -> f32[512,1024],
-    contract 1/1``: the rhs contracted on its dim 1 is a matmul against a transposed weight."""
-    shapes, dots, calls, computation = {}, {}, {}, None
-    for line in hlo_text.splitlines():
-        header = _COMPUTATION.match(line)
-        if header:
-            computation = header.group(1)
-            continue
-        m = _INSTRUCTION.match(line)
-        if not m:
-            continue
-        name, shape = m.groups()
-        shapes[name] = shape
-        called = re.search(r"calls=%([\w.\-]+)", line)
-        if called:
-            calls[name] = called.group(1)
-        operands = re.search(r" dot\(%([\w.\-]+), %([\w.\-]+)\)", line)
-        if operands:
-            lhs, rhs = operands.groups()
-            contract = "/".join(re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", line).group(1)
-                                for side in ("lhs", "rhs"))
-            batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", line)
-            signature = (f"{shapes.get(lhs, '?')} x {shapes.get(rhs, '?')} -> {shape}, contract {contract}"
-                         + (f", batch {batch.group(1)}" if batch else ""))
-            dots.setdefault(computation, []).append((name, signature))
-    fused = set(calls.values())
-    out = {name: "; ".join(s for _, s in dots[c]) for name, c in calls.items() if c in dots}
-    out.update({name: s for c, ds in dots.items() if c not in fused for name, s in ds})
-    return out
 
 
 def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12) -> dict:
     """The traced op time per step, its dot share, the `top` dot signatures and the other op kinds."""
-    flops, signatures = dot_flops_per_instruction(hlo_text), dot_signatures(hlo_text)
+    dots_by_name = dot_instructions(hlo_text)
     total = sum(ns for ns, _ in events.values())
     groups: dict[str, list] = {}
     others: dict[str, float] = {}
     for op, (ns, calls) in events.items():
-        if op in flops and op in signatures:
-            group = groups.setdefault(signatures[op], [0.0, 0.0, 0])
+        if dots_by_name.get(op, (0.0,))[0]:
+            flops, signature = dots_by_name[op]
+            group = groups.setdefault(signature, [0.0, 0.0, 0])
             group[0] += ns
-            group[1] += calls * flops[op]
+            group[1] += calls * flops
             group[2] += calls
         else:
-            stem, _, suffix = op.rpartition(".")
-            kind = stem if stem and suffix.isdigit() else op
-            others[kind] = others.get(kind, 0.0) + ns
+            others[op_kind(op)] = others.get(op_kind(op), 0.0) + ns
     dots = [{"signature": sig, "calls_per_step": calls // steps, "ms_per_step": ns / steps / 1e6,
              "share": ns / total, "gflops": flop / ns} for sig, (ns, flop, calls) in groups.items()]
     dots.sort(key=lambda d: -d["ms_per_step"])

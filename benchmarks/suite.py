@@ -377,7 +377,7 @@ def scaling_slopes(points: list[dict], fit_from: int) -> dict:
 # --- 5. sharding overhead (subprocesses) --------------------------------------------------------
 
 
-def _op_kind(op: str) -> str:
+def op_kind(op: str) -> str:
     """An HLO instruction's kind: its name less the ".N" suffix ("ynn_fusion.46" -> "ynn_fusion")."""
     stem, _, suffix = op.rpartition(".")
     return stem if stem and suffix.isdigit() else op
@@ -406,18 +406,21 @@ def op_times(events: dict[str, list]) -> dict[str, float]:
     """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) of instruction_events."""
     totals: dict[str, float] = {}
     for op, (ns, _) in events.items():
-        totals[_op_kind(op)] = totals.get(_op_kind(op), 0.0) + ns
+        totals[op_kind(op)] = totals.get(op_kind(op), 0.0) + ns
     return totals
 
 
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]\S* (\S+?)\((.*)$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\w+)\[([\d,]*)\]\S* (\S+?)\((.*)$")
 
 
-def dot_flops_per_instruction(hlo_text: str) -> dict[str, float]:
-    """FLOPs of one execution of every HLO instruction that is, or is a fusion of, dot products:
-    2 x output elements x contracted size per dot, summed over a fusion's body. Read from the compiled
-    module's text (``compiled.as_text()``), whose instruction names are the trace's ``hlo_op``s."""
-    shapes, dots, calls, computation = {}, {}, {}, None
+def dot_instructions(hlo_text: str) -> dict[str, tuple[float, str]]:
+    """(FLOPs of one execution, signature) of every HLO instruction that is, or is a fusion of, dot
+    products, read from the compiled module's text (``compiled.as_text()``), whose instruction names are
+    the trace's ``hlo_op``s. FLOPs: 2 x output elements x contracted size per dot, summed over a fusion's
+    body. Signature: operand and output shapes, contracting dims lhs/rhs and batch dims, e.g.
+    ``f32[512,256] x f32[1024,256] -> f32[512,1024], contract 1/1`` (the rhs contracted on its last dim:
+    a matmul against a transposed weight); a fusion's dots joined by "; "."""
+    dims, types, dots, calls, computation = {}, {}, {}, {}, None
     for line in hlo_text.splitlines():
         header = re.match(r"^(?:ENTRY )?%(\S+) \(", line)
         if header:
@@ -426,25 +429,30 @@ def dot_flops_per_instruction(hlo_text: str) -> dict[str, float]:
         m = _INSTRUCTION.match(line)
         if not m:
             continue
-        name, dims, opcode, rest = m.groups()
-        shapes[name] = [int(d) for d in dims.split(",") if d]
+        name, dtype, shape, opcode, rest = m.groups()
+        dims[name], types[name] = [int(d) for d in shape.split(",") if d], f"{dtype}[{shape}]"
         if opcode == "dot":
-            lhs = re.match(r"%(\S+?)[,)]", rest).group(1)
-            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
-            dots.setdefault(computation, []).append((name, lhs, [int(i) for i in contracting.split(",") if i]))
+            lhs, rhs = re.match(r"%([\w.\-]+), %([\w.\-]+)\)", rest).groups()
+            lhs_c, rhs_c = (re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", rest).group(1) for side in ("lhs", "rhs"))
+            batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", rest)
+            flops = 2.0 * float(np.prod(dims[name])) * (
+                float(np.prod([dims[lhs][int(i)] for i in lhs_c.split(",") if i])) if lhs in dims else 0.0)
+            signature = (f"{types.get(lhs, '?')} x {types.get(rhs, '?')} -> {types[name]}, contract {lhs_c}/{rhs_c}"
+                         + (f", batch {batch.group(1)}" if batch else ""))
+            dots.setdefault(computation, []).append((name, flops, signature))
         called = re.search(r"calls=%([^,\s]+)", rest)
         if called:
             calls[name] = called.group(1)
-
-    def dot_flops(name, lhs, contracting):
-        flops = 2.0 * float(np.prod(shapes[name]))
-        return flops * float(np.prod([shapes[lhs][i] for i in contracting])) if lhs in shapes else 0.0
-
-    per_computation = {c: sum(dot_flops(*d) for d in ds) for c, ds in dots.items()}
-    flops = {name: per_computation[c] for name, c in calls.items() if per_computation.get(c)}  # fusions
+    out = {name: (sum(f for _, f, _ in dots[c]), "; ".join(s for _, _, s in dots[c]))
+           for name, c in calls.items() if c in dots}  # fusions
     fused = set(calls.values())
-    flops.update({d[0]: dot_flops(*d) for c, ds in dots.items() if c not in fused for d in ds})  # plain dots
-    return flops
+    out.update({name: (f, s) for c, ds in dots.items() if c not in fused for name, f, s in ds})  # plain dots
+    return out
+
+
+def dot_flops_per_instruction(hlo_text: str) -> dict[str, float]:
+    """FLOPs of one execution of every dot or fusion of dots (``dot_instructions``)."""
+    return {name: flops for name, (flops, _) in dot_instructions(hlo_text).items() if flops}
 
 
 def matmul_summary(hlo_text: str, events: dict[str, list]) -> dict:

@@ -3,8 +3,9 @@ their losses compared with the default's, an option this build rejects recorded 
 
 from __future__ import annotations
 
-from benchmarks.step_profile import dot_signatures, profile
+from benchmarks.step_profile import profile
 from benchmarks.step_profile import to_markdown as profile_markdown
+from benchmarks.suite import dot_instructions
 from benchmarks.xla_flags import VARIANTS, compare, to_markdown
 
 
@@ -39,5 +40,6 @@ def test_dot_signature_reads_shapes_and_contracting_dims():
     import jax.numpy as jnp
 
     compiled = jax.jit(lambda a, w: a @ w.T).lower(jnp.ones((8, 4)), jnp.ones((16, 4))).compile()
-    (signature,) = set(dot_signatures(compiled.as_text()).values())
+    ((flops, signature),) = set(dot_instructions(compiled.as_text()).values())
+    assert flops == 2 * 8 * 16 * 4
     assert signature.startswith("f32[8,4] x f32[16,4] -> f32[8,16], contract 1/1")
