@@ -48,15 +48,11 @@ def torch_matmul_gflops(rows: int, inner: int, cols: int, repeats: int = 3) -> f
     directly."""
     import torch
 
+    from benchmarks.suite import best_time
+
     generator = torch.Generator().manual_seed(0)
     x, w = (torch.randn(shape, generator=generator) for shape in ((rows, inner), (inner, cols)))
-    torch.mm(x, w)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(x, w)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * rows * inner * cols / best / 1e9
+    return 2.0 * rows * inner * cols / best_time(torch.mm, x, w, repeats=repeats) / 1e9
 
 
 def _modules():

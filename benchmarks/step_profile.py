@@ -18,63 +18,47 @@ from __future__ import annotations
 import argparse
 import os
 import platform as host_platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import jax
 
 from benchmarks import write_json_and_markdown
-from benchmarks.suite import dot_instructions, instruction_events, model_section, op_kind, run_config, trace_steps
-from benchmarks.xla_flags import BATCH, N_LAYERS, SEQ_LEN
+from benchmarks.suite import dot_instructions, instruction_events, op_times, time_train_step
+from benchmarks.xla_flags import N_LAYERS, peer_shape_config
 
 
 def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12) -> dict:
     """The traced op time per step, its dot share, the `top` dot signatures and the other op kinds."""
-    dots_by_name = dot_instructions(hlo_text)
+    dots_by_name = {op: dot for op, dot in dot_instructions(hlo_text).items() if dot[0]}  # FLOPs > 0
     total = sum(ns for ns, _ in events.values())
     groups: dict[str, list] = {}
-    others: dict[str, float] = {}
     for op, (ns, calls) in events.items():
-        if dots_by_name.get(op, (0.0,))[0]:
+        if op in dots_by_name:
             flops, signature = dots_by_name[op]
             group = groups.setdefault(signature, [0.0, 0.0, 0])
             group[0] += ns
             group[1] += calls * flops
             group[2] += calls
-        else:
-            others[op_kind(op)] = others.get(op_kind(op), 0.0) + ns
+    others = op_times({op: event for op, event in events.items() if op not in dots_by_name})
     dots = [{"signature": sig, "calls_per_step": calls // steps, "ms_per_step": ns / steps / 1e6,
              "share": ns / total, "gflops": flop / ns} for sig, (ns, flop, calls) in groups.items()]
     dots.sort(key=lambda d: -d["ms_per_step"])
     dot_ns = sum(g[0] for g in groups.values())
     return {"op_ms_per_step": total / steps / 1e6, "dot_share": dot_ns / total if total else 0.0,
-            "dots": dots[:top], "other_ops": {k: v / total for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:6]}}
+            "dots": dots[:top],
+            "other_ops": {k: v / total for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:6]}}
 
 
 def profile(family: str, d_model: int, cache_dir: str, steps: int = 6) -> dict:
-    from lmu_jax.train.loop import StepInputs, open_program
-
-    extra = {"positions": "learned"} if family == "transformer" else {}
-    cfg = run_config(model_section(family, d_model, N_LAYERS[family], "float32", **extra), SEQ_LEN, BATCH,
-                     cache_dir, 1_000_000, microbatches="auto")
-    program, cache = open_program(cfg, jax.devices()[:1])
-    state, inputs = program.init_state(), StepInputs(program, cache)
-    batch = inputs(0)
-    compiled = program.train_step.lower(state, *batch).compile()
-    state, _ = compiled(state, *batch)  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        state, metrics = compiled(state, *batch)
-        jax.block_until_ready((state, metrics))
-        times.append(time.perf_counter() - start)
+    """The bench's timed train step (suite.time_train_step, median of `steps`) with its trace's breakdown."""
     with tempfile.TemporaryDirectory(prefix="lmu_jax_profile_") as trace_dir:
-        trace_steps(compiled, state, batch, Path(trace_dir), steps=2)
-        events = instruction_events(Path(trace_dir))
-    return {"family": family, "d_model": d_model, "n_layers": N_LAYERS[family], "microbatches": program.cfg.train.microbatches,
-            "step_s": statistics.median(times), **breakdown(compiled.as_text(), events, steps=2)}
+        point = time_train_step(peer_shape_config(family, d_model, cache_dir), jax.devices()[:1], min_steps=steps,
+                                budget_s=0.0, trace_dir=Path(trace_dir),
+                                analyse=lambda trace, hlo: breakdown(hlo, instruction_events(trace), steps=2))
+    return {"family": family, "d_model": d_model, "n_layers": N_LAYERS[family],
+            "microbatches": point["microbatches"], "step_s": point["step_s"],
+            **{k: point[k] for k in ("op_ms_per_step", "dot_share", "dots", "other_ops")}}
 
 
 def to_markdown(results: dict) -> str:
@@ -88,7 +72,8 @@ def to_markdown(results: dict) -> str:
         lines += [f"## {p['family']} d {p['d_model']}, {p['n_layers']} layers, {p['microbatches']} microbatch(es)", "",
                   f"Step {p['step_s'] * 1e3:.0f} ms; op time {p['op_ms_per_step']:.0f} ms per step, "
                   f"{p['dot_share']:.0%} of it in dots.", "",
-                  "| dot (operands -> output, contracting dims lhs/rhs) | calls per step | ms per step | share of op time | GFLOP/s |",
+                  "| dot (operands -> output, contracting dims lhs/rhs) | calls per step | ms per step | "
+                  "share of op time | GFLOP/s |",
                   "|---|---|---|---|---|"]
         lines += [f"| {d['signature']} | {d['calls_per_step']} | {d['ms_per_step']:.1f} | {d['share']:.1%} | "
                   f"{d['gflops']:.0f} |" for d in p["dots"]]

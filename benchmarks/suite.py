@@ -113,7 +113,9 @@ MAX_MEMORY_FRACTION = 0.4
 # --- 1. the ceiling ----------------------------------------------------------------------------------
 
 
-def _best_time(fn, *args, repeats: int) -> float:
+def best_time(fn, *args, repeats: int) -> float:
+    """The fastest of `repeats` calls after one warm-up, in seconds (a jax result is waited for; a torch
+    CPU result is ready when returned)."""
     jax.block_until_ready(fn(*args))  # compile + warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -128,7 +130,7 @@ def matmul_gflops(rows: int, inner: int, cols: int, dtype, device, repeats: int)
     rng = np.random.default_rng(0)
     x, w = (jax.device_put(jnp.asarray(rng.standard_normal(shape), dtype), device)
             for shape in ((rows, inner), (inner, cols)))
-    return 2.0 * rows * inner * cols / _best_time(jax.jit(jnp.matmul), x, w, repeats=repeats) / 1e9
+    return 2.0 * rows * inner * cols / best_time(jax.jit(jnp.matmul), x, w, repeats=repeats) / 1e9
 
 
 def measure_ceiling(size: int, copy_mib: int, device) -> dict:
@@ -137,7 +139,7 @@ def measure_ceiling(size: int, copy_mib: int, device) -> dict:
     for name, dtype in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
         out[f"matmul_{name}_gflops"] = matmul_gflops(size, size, size, dtype, device, repeats=5)
     x = jax.device_put(jnp.ones((copy_mib * 2**20 // 4,), jnp.float32), device)
-    seconds = _best_time(jax.jit(lambda v: v + 1.0), x, repeats=5)  # +1 so XLA cannot elide the copy
+    seconds = best_time(jax.jit(lambda v: v + 1.0), x, repeats=5)  # +1 so XLA cannot elide the copy
     out["copy_gb_per_s"] = 2.0 * x.nbytes / seconds / 1e9
     out["copy_mib"] = copy_mib
     return out
@@ -200,14 +202,15 @@ def host_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def time_train_step(cfg, devices, *, min_steps: int, budget_s: float,
-                    max_memory: int | None = None, trace_dir: Path | None = None) -> dict:
+def time_train_step(cfg, devices, *, min_steps: int, budget_s: float, max_memory: int | None = None,
+                    trace_dir: Path | None = None, analyse=None) -> dict:
     """Compile the Trainer's jitted train step for `cfg` on `devices` and time it (median seconds).
 
     The step is the run's program (lmu_jax/train/builder.py), the batches come from the Trainer's own
     input pipeline, made before timing (the bare step); the state is donated step to step as in
     training. With `trace_dir`, two more steps run under jax.profiler and the point gets
-    ``op_breakdown`` (and ``trace_dir``, for further reading of the same trace).
+    ``analyse(trace_dir, compiled module text)`` (default ``op_breakdown``) and ``trace_dir``, for further
+    reading of the same trace.
     """
     from lmu_jax.train.loop import StepInputs, open_program
 
@@ -220,6 +223,7 @@ def time_train_step(cfg, devices, *, min_steps: int, budget_s: float,
     hlo_text = compiled.as_text()
     point = {"compile_s": time.perf_counter() - started, "peak_bytes": peak_bytes(compiled),
              "tokens_per_step": program.tokens_per_step, "flops_per_token": program.flops_per_token,
+             "microbatches": program.cfg.train.microbatches,
              "params": program.counts["total"], "params_non_embedding": program.counts["non_embedding"]}
     # XLA's count includes remat's recomputation, where the MFU credits the model's analytic FLOPs only; a
     # program with a loop gets none: XLA counts a while body once, whatever its trip count (the LSTM's scan)
@@ -244,7 +248,7 @@ def time_train_step(cfg, devices, *, min_steps: int, budget_s: float,
     point["model_flops_per_s"] = point["tokens_per_s"] * program.flops_per_token
     if trace_dir is not None:
         trace_steps(compiled, state, batches[0], trace_dir)
-        point.update(op_breakdown(trace_dir, hlo_text), trace_dir=str(trace_dir))
+        point.update((analyse or op_breakdown)(trace_dir, hlo_text), trace_dir=str(trace_dir))
     return point
 
 
@@ -377,7 +381,7 @@ def scaling_slopes(points: list[dict], fit_from: int) -> dict:
 # --- 5. sharding overhead (subprocesses) --------------------------------------------------------
 
 
-def op_kind(op: str) -> str:
+def _op_kind(op: str) -> str:
     """An HLO instruction's kind: its name less the ".N" suffix ("ynn_fusion.46" -> "ynn_fusion")."""
     stem, _, suffix = op.rpartition(".")
     return stem if stem and suffix.isdigit() else op
@@ -406,7 +410,7 @@ def op_times(events: dict[str, list]) -> dict[str, float]:
     """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) of instruction_events."""
     totals: dict[str, float] = {}
     for op, (ns, _) in events.items():
-        totals[op_kind(op)] = totals.get(op_kind(op), 0.0) + ns
+        totals[_op_kind(op)] = totals.get(_op_kind(op), 0.0) + ns
     return totals
 
 
@@ -433,7 +437,8 @@ def dot_instructions(hlo_text: str) -> dict[str, tuple[float, str]]:
         dims[name], types[name] = [int(d) for d in shape.split(",") if d], f"{dtype}[{shape}]"
         if opcode == "dot":
             lhs, rhs = re.match(r"%([\w.\-]+), %([\w.\-]+)\)", rest).groups()
-            lhs_c, rhs_c = (re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", rest).group(1) for side in ("lhs", "rhs"))
+            lhs_c, rhs_c = (re.search(rf"{side}_contracting_dims=\{{([\d,]*)\}}", rest).group(1)
+                            for side in ("lhs", "rhs"))
             batch = re.search(r"lhs_batch_dims=\{([\d,]*)\}", rest)
             flops = 2.0 * float(np.prod(dims[name])) * (
                 float(np.prod([dims[lhs][int(i)] for i in lhs_c.split(",") if i])) if lhs in dims else 0.0)
@@ -755,9 +760,11 @@ def to_markdown(results: dict) -> str:
     if c.get("model_matmuls"):
         torch_too = any("torch_gflops" in m for m in c["model_matmuls"])
         lines += ["", "The models' own matmul shapes (the FFN up-projection, rows = tokens per step or per "
-                  "microbatch; with the peers also the batch, the rows of the LSTM's per-time-step matmul): how fast XLA runs them here, an upper bound on the MFU of a step made of such "
-                  "matmuls" + (", and how fast PyTorch's torch.mm runs the same ones." if torch_too else "."), "",
-                  "| matmul | GFLOP/s | of the ceiling |" + (" torch.mm GFLOP/s | XLA ÷ torch speed |" if torch_too else ""),
+                  "microbatch; with the peers also the batch, the rows of the LSTM's per-time-step matmul): how "
+                  "fast XLA runs them here, an upper bound on the MFU of a step made of such matmuls"
+                  + (", and how fast PyTorch's torch.mm runs the same ones." if torch_too else "."), "",
+                  "| matmul | GFLOP/s | of the ceiling |"
+                  + (" torch.mm GFLOP/s | XLA ÷ torch speed |" if torch_too else ""),
                   "|---|---|---|" + ("---|---|" if torch_too else "")]
         for m in c["model_matmuls"]:
             row = (f"| ({m['rows']} x {m['d_model']}) @ ({m['d_model']} x {4 * m['d_model']}) {m['dtype']} | "

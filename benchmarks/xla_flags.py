@@ -52,14 +52,18 @@ N_LAYERS = {"transformer": 4, "lstm": 2}  # the peers' models (benchmarks/peers.
 SEQ_LEN, BATCH = 256, 16
 
 
+def peer_shape_config(family: str, d_model: int, cache_dir: str):
+    """The run config of a peer's model (benchmarks/peers.py) at our default settings, float32."""
+    extra = {"positions": "learned"} if family == "transformer" else {}
+    return run_config(model_section(family, d_model, N_LAYERS[family], "float32", **extra), SEQ_LEN, BATCH,
+                      cache_dir, 1_000_000, microbatches="auto")
+
+
 def compare(family: str, d_model: int, variants: dict, rounds: int, cache_dir: str) -> dict:
     """Each variant's compiled train step at (family, d_model), timed interleaved over `rounds` rounds."""
     from lmu_jax.train.loop import StepInputs, open_program
 
-    extra = {"positions": "learned"} if family == "transformer" else {}
-    cfg = run_config(model_section(family, d_model, N_LAYERS[family], "float32", **extra), SEQ_LEN, BATCH,
-                     cache_dir, 1_000_000, microbatches="auto")
-    program, cache = open_program(cfg, jax.devices()[:1])
+    program, cache = open_program(peer_shape_config(family, d_model, cache_dir), jax.devices()[:1])
     inputs = StepInputs(program, cache)
     batches = [inputs(i) for i in range(4)]
     lowered = program.train_step.lower(program.init_state(), *batches[0])

@@ -13,8 +13,9 @@ SCH-TXL and the QRNN hybrid: d_model alone):
   depth. Below ~170k parameters that gives one layer, which cannot compose two attention heads; a
   study comparing it with 2-layer LSTMs or LMUs wants ``rule="fixed_depth"``: the base's n_layers
   kept, d_model solved (a one-layer transformer at 107k lost 0.096 nats to a two-layer one at 1e13
-  FLOPs, experiments/results/cpu_scaling_pystdlib/depth_check). Heads are ~64 wide: n_heads = max(1, d // 64), and the head width must be even (rotary), so
-  tiny models get fewer heads (one head below d = 128).
+  FLOPs, experiments/results/cpu_scaling_pystdlib/depth_check). Heads are ~64 wide: n_heads =
+  max(1, d // 64), and the head width must be even (rotary), so tiny models get fewer heads (one head
+  below d = 128).
 - lstm: n_layers (and d_proj / d_model, if the base has a projection) fixed; d_model solved.
 - lmu, lmu_attn: n_layers, order, q_reduced, d_ff / d_model fixed; d_model solved; lmu_attn heads
   follow the transformer's rule. ``rule="paper"`` instead sets d_model = round(sqrt(N / 24)), the

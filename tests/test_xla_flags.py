@@ -1,5 +1,6 @@
-"""benchmarks/xla_flags.py and step_profile.py. xla_flags: variants of the train step compiled with other XLA options, timed interleaved,
-their losses compared with the default's, an option this build rejects recorded as an error."""
+"""benchmarks/xla_flags.py and step_profile.py. xla_flags: variants of the train step compiled with other
+XLA options, timed interleaved, their losses compared with the default's, an option this build rejects
+recorded as an error. step_profile: the step's traced time per dot signature."""
 
 from __future__ import annotations
 

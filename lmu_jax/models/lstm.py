@@ -147,7 +147,7 @@ def _lstm_sequence_bwd(unroll, hoist, residuals, cotangents):
     w_h = recurrent_kernel.reshape(recurrent_kernel.shape[0], -1)  # (d_out, 4 d_hidden)
     # Transposed once, before the reverse scan: written as w_h.T inside it, XLA contracts the weight on its
     # last dim at every step, which YNNPACK ran at 34 GFLOP/s against the forward's 53 in a profile of the
-    # CPU d 256 step (python -m benchmarks.step_profile); that step is 6 % faster so, d 512 unchanged
+    # CPU d 256 step (python -m benchmarks.step_profile); transposed here, that step ran 6 % faster (d 512 the same)
     w_h_t = w_h.T
     c_prevs = jnp.concatenate([c0[None], cs[:-1]])  # (time, batch, d_hidden)
 
