@@ -248,6 +248,45 @@ class Peer:
             return float(torch_train_step(self.forward, self.optimizer, windows, lr, self.grad_clip))
 
 
+# The peer's ops that are a matmul or a library kernel around matmuls (attention, oneDNN's RNN layer)
+PEER_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_product_flash_attention_for_cpu",
+                "aten::_scaled_dot_product_flash_attention_for_cpu_backward", "aten::mkldnn_rnn_layer",
+                "aten::mkldnn_rnn_layer_backward")
+
+
+def profile_peer(cfg, devices, steps: int = 6, top: int = 4) -> dict:
+    """The PyTorch eager peer of `cfg`'s program: its median step time over `steps`, then two steps under
+    ``torch.profiler``, split into the shares of that wall time spent in PEER_KERNELS, in all other ops (self
+    time: eager runs one op at a time) and in neither (Python between ops), and the `top` other ops."""
+    import jax
+    from torch.profiler import ProfilerActivity, profile
+
+    from lmu_jax.train.loop import StepInputs, open_program
+
+    program, cache = open_program(cfg, devices)
+    batch = np.asarray(jax.device_get(StepInputs(program, cache)(0)[0]))
+    peer = Peer(program, program.init_state())
+    for _ in range(2):  # warm-up
+        peer.step(batch)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        peer.step(batch)
+        times.append(time.perf_counter() - start)
+    with profile(activities=[ProfilerActivity.CPU]) as traced:
+        start = time.perf_counter()
+        for _ in range(2):
+            peer.step(batch)
+        wall_us = (time.perf_counter() - start) * 1e6
+    self_us = {event.key: event.self_cpu_time_total for event in traced.key_averages()}
+    kernels = sum(us for key, us in self_us.items() if key in PEER_KERNELS)
+    others = sorted(((us, key) for key, us in self_us.items() if key not in PEER_KERNELS), reverse=True)
+    other = sum(us for us, _ in others)
+    return {"step_s": statistics.median(times), "kernel_share": kernels / wall_us, "other_share": other / wall_us,
+            "none_share": max(0.0, 1 - (kernels + other) / wall_us),
+            "top_other_ms": {key: us / 2e3 for us, key in others[:top]}}
+
+
 def compare(cfg, devices, rounds: int, compile_: bool) -> dict:
     """Our Trainer's jitted step against the PyTorch peer (eager, and compiled with `compile_`), from the
     same initial weights on the same batches, interleaved: each round runs one step of every side, so

@@ -11,6 +11,12 @@ its two backward matmuls (one of them against the transposed weight) and the att
 show apart: calls per step, share of all op time, speed. Op time is summed over the threads that run ops
 side by side, so a dot's speed here (its FLOPs over its own duration) can lie below the same matmul
 timed alone (the bench's ceiling section) when ops overlap; the ranking is what this is for.
+
+The step's wall time is also split by what runs (``wall_split``): a dot, only other ops, or no op at all
+(the runtime between ops, and the work of an op whose event ends before its work does: a dot timed
+above the machine's ceiling), and, where PyTorch is installed, the peer's eager step the same way from
+``torch.profiler`` (``peers.profile_peer``): where the two differ is where ours loses. The traced step
+is slower than the untraced one; the shares are applied to the untraced median.
 """
 
 from __future__ import annotations
@@ -23,9 +29,12 @@ from pathlib import Path
 
 import jax
 
-from benchmarks import write_json_and_markdown
-from benchmarks.suite import dot_instructions, instruction_events, op_times, time_train_step
-from benchmarks.xla_flags import N_LAYERS, peer_shape_config
+from benchmarks import peers, write_json_and_markdown
+from benchmarks.suite import (dot_instructions, hlo_op_events, instruction_events, matmul_gflops, op_kind, op_times,
+                              time_train_step)
+from benchmarks.xla_flags import BATCH, N_LAYERS, SEQ_LEN, peer_shape_config
+
+CONTROL_OPS = ("while", "conditional", "call")  # their events span their bodies' ops, and the gaps between them
 
 
 def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12) -> dict:
@@ -50,15 +59,81 @@ def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12)
             "other_ops": {k: v / total for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:6]}}
 
 
+def wall_split(trace_dir: Path, dot_ops: set) -> dict:
+    """Shares of the traced wall time (first op's start to last op's end) during which a dot runs, only
+    other ops run, and no op runs (the runtime between ops: loop iterations, dispatch). Ops that run side
+    by side count once, so unlike op time these add up to the step."""
+    edges = []
+    for op, start, duration in hlo_op_events(trace_dir):
+        if op_kind(op) not in CONTROL_OPS:
+            edges += [(start, 1, op in dot_ops), (start + duration, -1, op in dot_ops)]
+    if not edges:
+        return {}
+    edges.sort()
+    running = {True: 0, False: 0}  # dots, other ops
+    spans = {"dot": 0, "other": 0, "none": 0}
+    last = edges[0][0]
+    for time_ns, change, is_dot in edges:
+        spans["dot" if running[True] else "other" if running[False] else "none"] += time_ns - last
+        running[is_dot] += change
+        last = time_ns
+    total = last - edges[0][0]
+    return {f"{kind}_share": span / total for kind, span in spans.items()}
+
+
+def analyse(trace_dir: Path, hlo_text: str) -> dict:
+    dot_ops = {op for op, (flops, _) in dot_instructions(hlo_text).items() if flops}
+    return {**breakdown(hlo_text, instruction_events(trace_dir), steps=2), "wall": wall_split(trace_dir, dot_ops)}
+
+
 def profile(family: str, d_model: int, cache_dir: str, steps: int = 6) -> dict:
-    """The bench's timed train step (suite.time_train_step, median of `steps`) with its trace's breakdown."""
+    """The bench's timed train step (suite.time_train_step, median of `steps`) with its trace's breakdown;
+    where PyTorch is installed, its peer's step split the same way (peers.profile_peer)."""
+    cfg = peer_shape_config(family, d_model, cache_dir)
     with tempfile.TemporaryDirectory(prefix="lmu_jax_profile_") as trace_dir:
-        point = time_train_step(peer_shape_config(family, d_model, cache_dir), jax.devices()[:1], min_steps=steps,
-                                budget_s=0.0, trace_dir=Path(trace_dir),
-                                analyse=lambda trace, hlo: breakdown(hlo, instruction_events(trace), steps=2))
+        point = time_train_step(cfg, jax.devices()[:1], min_steps=steps, budget_s=0.0, trace_dir=Path(trace_dir),
+                                analyse=analyse)
+    peer = None if peers.torch_available() else peers.profile_peer(cfg, jax.devices()[:1], steps)
     return {"family": family, "d_model": d_model, "n_layers": N_LAYERS[family],
-            "microbatches": point["microbatches"], "step_s": point["step_s"],
-            **{k: point[k] for k in ("op_ms_per_step", "dot_share", "dots", "other_ops")}}
+            "microbatches": point["microbatches"], "step_s": point["step_s"], "peer": peer,
+            "input_gradient_dots": input_gradient_dots(family, d_model, point["microbatches"]),
+            **{k: point[k] for k in ("op_ms_per_step", "dot_share", "dots", "other_ops", "wall")}}
+
+
+def input_gradient_dots(family: str, d_model: int, microbatches: int, repeats: int = 30) -> list[dict]:
+    """The transformer's FFN input-gradient matmuls (a microbatch's rows times a weight's transpose), each
+    timed alone against the weight as the step holds it (transposed) and laid out for the product: whether
+    a transposed weight is slower in itself, apart from the step's other ops."""
+    if family != "transformer":
+        return []
+    rows, device = SEQ_LEN * BATCH // microbatches, jax.devices()[0]
+    return [{"shape": f"({rows} x {inner}) @ ({inner} x {cols})",
+             "transposed_gflops": matmul_gflops(rows, inner, cols, "float32", device, repeats, transposed=True),
+             "laid_out_gflops": matmul_gflops(rows, inner, cols, "float32", device, repeats)}
+            for inner, cols in ((4 * d_model, d_model), (d_model, 4 * d_model))]  # through W_up, W_down
+
+
+def _split_rows(p: dict) -> list[str]:
+    """Ours against the peer: the step's wall time split by what runs (shares x the untraced median step)."""
+    ours, peer = p["wall"], p["peer"]
+
+    def cells(split, step_s):
+        return [f"{split[k] * step_s * 1e3:.0f} ({split[k]:.0%})" if split else "–" for k in
+                (("dot_share", "other_share", "none_share") if split is ours else
+                 ("kernel_share", "other_share", "none_share"))]
+
+    rows = [["step (median, untraced)", f"{p['step_s'] * 1e3:.0f}", f"{peer['step_s'] * 1e3:.0f}" if peer else "–"],
+            ["a matmul running (ours: a dot; PyTorch: mm, bmm, its attention or RNN kernel)"],
+            ["only other ops running"], ["no op running"]]
+    for row, ours_cell, peer_cell in zip(rows[1:], cells(ours, p["step_s"]),
+                                         cells(peer, peer["step_s"]) if peer else ["–"] * 3):
+        row += [ours_cell, peer_cell]
+    lines = ["| per step, ms (share) | ours | PyTorch eager |", "|---|---|---|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    if peer:
+        lines += ["", "PyTorch's largest other ops, ms per step: "
+                  + ", ".join(f"{k} {v:.1f}" for k, v in peer["top_other_ms"].items()) + "."]
+    return lines
 
 
 def to_markdown(results: dict) -> str:
@@ -66,18 +141,24 @@ def to_markdown(results: dict) -> str:
              "Each step: our default settings, float32, batch 16 x 256 (`python -m benchmarks.step_profile`; module "
              "docstring). Dot products grouped by signature; op time is summed over the threads that run ops side "
              "by side, so a dot's speed here can lie below the same matmul timed alone; one above the machine's "
-             "ceiling is a dot whose work the trace does not time. "
+             "ceiling is a dot whose work the trace does not time. The split of the step's wall time counts "
+             "ops that run side by side once; its \"no op running\" also holds such untimed work. "
              f"1-min load average {results['load'][0]:.1f} at the start, {results['load'][1]:.1f} at the end.", ""]
     for p in results["points"]:
         lines += [f"## {p['family']} d {p['d_model']}, {p['n_layers']} layers, {p['microbatches']} microbatch(es)", "",
                   f"Step {p['step_s'] * 1e3:.0f} ms; op time {p['op_ms_per_step']:.0f} ms per step, "
-                  f"{p['dot_share']:.0%} of it in dots.", "",
+                  f"{p['dot_share']:.0%} of it in dots.", "", *_split_rows(p), "",
                   "| dot (operands -> output, contracting dims lhs/rhs) | calls per step | ms per step | "
                   "share of op time | GFLOP/s |",
                   "|---|---|---|---|---|"]
         lines += [f"| {d['signature']} | {d['calls_per_step']} | {d['ms_per_step']:.1f} | {d['share']:.1%} | "
                   f"{d['gflops']:.0f} |" for d in p["dots"]]
         lines += ["", "Other op kinds: " + ", ".join(f"{k} {v:.1%}" for k, v in p["other_ops"].items()) + ".", ""]
+        if p.get("input_gradient_dots"):
+            lines += ["The FFN's input-gradient matmuls timed alone, GFLOP/s against the transposed weight (as in "
+                      "the step) / against the weight laid out for the product: " + "; ".join(
+                          f"{g['shape']} {g['transposed_gflops']:.0f} / {g['laid_out_gflops']:.0f}"
+                          for g in p["input_gradient_dots"]) + ".", ""]
     return "\n".join(lines)
 
 

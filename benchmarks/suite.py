@@ -125,12 +125,15 @@ def best_time(fn, *args, repeats: int) -> float:
     return best
 
 
-def matmul_gflops(rows: int, inner: int, cols: int, dtype, device, repeats: int) -> float:
-    """Best-of-`repeats` GFLOP/s of a (rows x inner) @ (inner x cols) matmul in `dtype` on `device`."""
+def matmul_gflops(rows: int, inner: int, cols: int, dtype, device, repeats: int, transposed: bool = False) -> float:
+    """Best-of-`repeats` GFLOP/s of a (rows x inner) @ (inner x cols) matmul in `dtype` on `device`; with
+    `transposed`, the right operand is stored (cols x inner) and used transposed (as a backward pass
+    multiplies by a weight's transpose)."""
     rng = np.random.default_rng(0)
     x, w = (jax.device_put(jnp.asarray(rng.standard_normal(shape), dtype), device)
-            for shape in ((rows, inner), (inner, cols)))
-    return 2.0 * rows * inner * cols / best_time(jax.jit(jnp.matmul), x, w, repeats=repeats) / 1e9
+            for shape in ((rows, inner), (cols, inner) if transposed else (inner, cols)))
+    matmul = jax.jit((lambda a, b: a @ b.T) if transposed else jnp.matmul)
+    return 2.0 * rows * inner * cols / best_time(matmul, x, w, repeats=repeats) / 1e9
 
 
 def measure_ceiling(size: int, copy_mib: int, device) -> dict:
@@ -381,28 +384,35 @@ def scaling_slopes(points: list[dict], fit_from: int) -> dict:
 # --- 5. sharding overhead (subprocesses) --------------------------------------------------------
 
 
-def _op_kind(op: str) -> str:
+def op_kind(op: str) -> str:
     """An HLO instruction's kind: its name less the ".N" suffix ("ynn_fusion.46" -> "ynn_fusion")."""
     stem, _, suffix = op.rpartition(".")
     return stem if stem and suffix.isdigit() else op
 
 
-def instruction_events(trace_dir: Path) -> dict[str, list]:
-    """[device time (ns), executions] per HLO instruction ("ynn_fusion.46", "all-reduce.2", ...) from the
-    newest ``jax.profiler`` trace under trace_dir: every executed HLO op is an event carrying an ``hlo_op``
-    stat (an op in a loop body is one event per iteration; a ``while`` event does not include its body's)."""
+def hlo_op_events(trace_dir: Path):
+    """(HLO instruction, start ns, duration ns) of every executed XLA op in the newest ``jax.profiler`` trace
+    under trace_dir: each is an event carrying an ``hlo_op`` stat (an op in a loop body is one event per
+    iteration; a ``while`` event does not include its body's)."""
     from jax.profiler import ProfileData
 
     files = sorted(trace_dir.rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
-    events: dict[str, list] = {}
     for plane in ProfileData.from_file(str(files[-1])).planes if files else ():
         for line in plane.lines:
             for event in line.events:
                 op = dict(event.stats).get("hlo_op")
                 if op is not None:
-                    entry = events.setdefault(str(op), [0.0, 0])
-                    entry[0] += event.duration_ns
-                    entry[1] += 1
+                    yield str(op), event.start_ns, event.duration_ns
+
+
+def instruction_events(trace_dir: Path) -> dict[str, list]:
+    """[device time (ns), executions] per HLO instruction ("ynn_fusion.46", "all-reduce.2", ...) of the
+    newest trace under trace_dir (hlo_op_events)."""
+    events: dict[str, list] = {}
+    for op, _, duration in hlo_op_events(trace_dir):
+        entry = events.setdefault(op, [0.0, 0])
+        entry[0] += duration
+        entry[1] += 1
     return events
 
 
@@ -410,7 +420,7 @@ def op_times(events: dict[str, list]) -> dict[str, float]:
     """Device time (ns) per XLA op kind ("dot", "ynn_fusion", "all-reduce", ...) of instruction_events."""
     totals: dict[str, float] = {}
     for op, (ns, _) in events.items():
-        totals[_op_kind(op)] = totals.get(_op_kind(op), 0.0) + ns
+        totals[op_kind(op)] = totals.get(op_kind(op), 0.0) + ns
     return totals
 
 

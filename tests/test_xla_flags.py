@@ -4,6 +4,9 @@ recorded as an error. step_profile: the step's traced time per dot signature."""
 
 from __future__ import annotations
 
+import pytest
+
+from benchmarks import peers
 from benchmarks.step_profile import profile
 from benchmarks.step_profile import to_markdown as profile_markdown
 from benchmarks.suite import dot_instructions
@@ -32,8 +35,25 @@ def test_step_profile_groups_every_dot_by_its_signature(kjv_cache):
     assert len(set(signatures)) == len(signatures) >= 3
     assert any(d["calls_per_step"] >= 256 for d in point["dots"])  # the per-time-step matmuls of the scans
     assert all(d["gflops"] > 0 and 0 < d["share"] <= 1 for d in point["dots"])
+    wall = point["wall"]  # what runs during the step: the shares add up to it, and both dots and others run
+    assert abs(sum(wall.values()) - 1) < 1e-9 and wall["dot_share"] > 0 and wall["other_share"] > 0
+    peer = point["peer"]  # the PyTorch LSTM split the same way: oneDNN's RNN kernel is its matmul time
+    if peers.torch_available() is None:
+        assert peer["step_s"] > 0 and peer["kernel_share"] > 0 and peer["other_share"] > 0
+        assert peer["kernel_share"] + peer["other_share"] + peer["none_share"] == pytest.approx(1, abs=0.05)
     markdown = profile_markdown({"cpu": "test", "jax": "x", "load": [1.0, 1.0], "points": [point]})
     assert "## lstm d 16, 2 layers" in markdown and "| calls per step |" in markdown
+    assert "| only other ops running |" in markdown
+
+
+def test_wall_split_counts_side_by_side_ops_once(tmp_path, monkeypatch):
+    """A dot from 0 to 10, another op from 5 to 20, a gap, an op from 30 to 40 (ns): the dot runs 10 of
+    40, only others 20, none 10. A while loop's event, which spans its body, is not an op here."""
+    import benchmarks.step_profile as step_profile
+
+    events = [("dot.1", 0, 10), ("fusion.2", 5, 15), ("fusion.3", 30, 10), ("while.4", 0, 40)]
+    monkeypatch.setattr(step_profile, "hlo_op_events", lambda trace_dir: iter(events))
+    assert step_profile.wall_split(tmp_path, {"dot.1"}) == {"dot_share": 0.25, "other_share": 0.5, "none_share": 0.25}
 
 
 def test_dot_signature_reads_shapes_and_contracting_dims():
@@ -44,3 +64,12 @@ def test_dot_signature_reads_shapes_and_contracting_dims():
     ((flops, signature),) = set(dot_instructions(compiled.as_text()).values())
     assert flops == 2 * 8 * 16 * 4
     assert signature.startswith("f32[8,4] x f32[16,4] -> f32[8,16], contract 1/1")
+
+
+def test_input_gradient_dots_time_both_layouts_of_the_ffn_weights():
+    from benchmarks.step_profile import input_gradient_dots
+
+    up, down = input_gradient_dots("transformer", 16, microbatches=8, repeats=2)  # 512 rows
+    assert up["shape"] == "(512 x 64) @ (64 x 16)" and down["shape"] == "(512 x 16) @ (16 x 64)"
+    assert all(g["transposed_gflops"] > 0 and g["laid_out_gflops"] > 0 for g in (up, down))
+    assert input_gradient_dots("lstm", 16, microbatches=1) == []
