@@ -256,8 +256,9 @@ PEER_KERNELS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_scaled_dot_produ
 
 def profile_peer(cfg, devices, steps: int = 6, top: int = 4) -> dict:
     """The PyTorch eager peer of `cfg`'s program: its median step time over `steps`, then two steps under
-    ``torch.profiler``, split into the shares of that wall time spent in PEER_KERNELS, in all other ops (self
-    time: eager runs one op at a time) and in neither (Python between ops), and the `top` other ops."""
+    ``torch.profiler``, split into the shares of that wall time spent in PEER_KERNELS (``matmul_share``), in
+    all other ops (self time: eager runs one op at a time) and in neither (Python between ops), and the
+    `top` other ops."""
     import jax
     from torch.profiler import ProfilerActivity, profile
 
@@ -282,7 +283,7 @@ def profile_peer(cfg, devices, steps: int = 6, top: int = 4) -> dict:
     kernels = sum(us for key, us in self_us.items() if key in PEER_KERNELS)
     others = sorted(((us, key) for key, us in self_us.items() if key not in PEER_KERNELS), reverse=True)
     other = sum(us for us, _ in others)
-    return {"step_s": statistics.median(times), "kernel_share": kernels / wall_us, "other_share": other / wall_us,
+    return {"step_s": statistics.median(times), "matmul_share": kernels / wall_us, "other_share": other / wall_us,
             "none_share": max(0.0, 1 - (kernels + other) / wall_us),
             "top_other_ms": {key: us / 2e3 for us, key in others[:top]}}
 

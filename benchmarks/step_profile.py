@@ -60,9 +60,9 @@ def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12)
 
 
 def wall_split(trace_dir: Path, dot_ops: set) -> dict:
-    """Shares of the traced wall time (first op's start to last op's end) during which a dot runs, only
-    other ops run, and no op runs (the runtime between ops: loop iterations, dispatch). Ops that run side
-    by side count once, so unlike op time these add up to the step."""
+    """Shares of the traced wall time (first op's start to last op's end) during which a dot runs
+    (``matmul_share``), only other ops run, and no op runs (the runtime between ops, and untimed work).
+    Ops that run side by side count once, so unlike op time these add up to the step."""
     edges = []
     for op, start, duration in hlo_op_events(trace_dir):
         if op_kind(op) not in CONTROL_OPS:
@@ -71,10 +71,10 @@ def wall_split(trace_dir: Path, dot_ops: set) -> dict:
         return {}
     edges.sort()
     running = {True: 0, False: 0}  # dots, other ops
-    spans = {"dot": 0, "other": 0, "none": 0}
+    spans = {"matmul": 0, "other": 0, "none": 0}
     last = edges[0][0]
     for time_ns, change, is_dot in edges:
-        spans["dot" if running[True] else "other" if running[False] else "none"] += time_ns - last
+        spans["matmul" if running[True] else "other" if running[False] else "none"] += time_ns - last
         running[is_dot] += change
         last = time_ns
     total = last - edges[0][0]
@@ -118,9 +118,8 @@ def _split_rows(p: dict) -> list[str]:
     ours, peer = p["wall"], p["peer"]
 
     def cells(split, step_s):
-        return [f"{split[k] * step_s * 1e3:.0f} ({split[k]:.0%})" if split else "–" for k in
-                (("dot_share", "other_share", "none_share") if split is ours else
-                 ("kernel_share", "other_share", "none_share"))]
+        return [f"{split[k] * step_s * 1e3:.0f} ({split[k]:.0%})" if split else "–"
+                for k in ("matmul_share", "other_share", "none_share")]
 
     rows = [["step (median, untraced)", f"{p['step_s'] * 1e3:.0f}", f"{peer['step_s'] * 1e3:.0f}" if peer else "–"],
             ["a matmul running (ours: a dot; PyTorch: mm, bmm, its attention or RNN kernel)"],

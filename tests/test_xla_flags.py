@@ -36,11 +36,11 @@ def test_step_profile_groups_every_dot_by_its_signature(kjv_cache):
     assert any(d["calls_per_step"] >= 256 for d in point["dots"])  # the per-time-step matmuls of the scans
     assert all(d["gflops"] > 0 and 0 < d["share"] <= 1 for d in point["dots"])
     wall = point["wall"]  # what runs during the step: the shares add up to it, and both dots and others run
-    assert abs(sum(wall.values()) - 1) < 1e-9 and wall["dot_share"] > 0 and wall["other_share"] > 0
+    assert abs(sum(wall.values()) - 1) < 1e-9 and wall["matmul_share"] > 0 and wall["other_share"] > 0
     peer = point["peer"]  # the PyTorch LSTM split the same way: oneDNN's RNN kernel is its matmul time
     if peers.torch_available() is None:
-        assert peer["step_s"] > 0 and peer["kernel_share"] > 0 and peer["other_share"] > 0
-        assert peer["kernel_share"] + peer["other_share"] + peer["none_share"] == pytest.approx(1, abs=0.05)
+        assert peer["step_s"] > 0 and peer["matmul_share"] > 0 and peer["other_share"] > 0
+        assert peer["matmul_share"] + peer["other_share"] + peer["none_share"] == pytest.approx(1, abs=0.05)
     markdown = profile_markdown({"cpu": "test", "jax": "x", "load": [1.0, 1.0], "points": [point]})
     assert "## lstm d 16, 2 layers" in markdown and "| calls per step |" in markdown
     assert "| only other ops running |" in markdown
@@ -53,7 +53,8 @@ def test_wall_split_counts_side_by_side_ops_once(tmp_path, monkeypatch):
 
     events = [("dot.1", 0, 10), ("fusion.2", 5, 15), ("fusion.3", 30, 10), ("while.4", 0, 40)]
     monkeypatch.setattr(step_profile, "hlo_op_events", lambda trace_dir: iter(events))
-    assert step_profile.wall_split(tmp_path, {"dot.1"}) == {"dot_share": 0.25, "other_share": 0.5, "none_share": 0.25}
+    split = step_profile.wall_split(tmp_path, {"dot.1"})
+    assert split == {"matmul_share": 0.25, "other_share": 0.5, "none_share": 0.25}
 
 
 def test_dot_signature_reads_shapes_and_contracting_dims():
