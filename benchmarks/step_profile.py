@@ -30,16 +30,16 @@ from pathlib import Path
 import jax
 
 from benchmarks import peers, write_json_and_markdown
-from benchmarks.suite import (dot_instructions, hlo_op_events, instruction_events, matmul_gflops, op_kind, op_times,
+from benchmarks.suite import (dot_instructions, hlo_op_events, instruction_totals, matmul_gflops, op_kind, op_times,
                               time_train_step)
 from benchmarks.xla_flags import BATCH, N_LAYERS, SEQ_LEN, peer_shape_config
 
 CONTROL_OPS = ("while", "conditional", "call")  # their events span their bodies' ops, and the gaps between them
 
 
-def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12) -> dict:
-    """The traced op time per step, its dot share, the `top` dot signatures and the other op kinds."""
-    dots_by_name = {op: dot for op, dot in dot_instructions(hlo_text).items() if dot[0]}  # FLOPs > 0
+def breakdown(dots_by_name: dict[str, tuple], events: dict[str, list], steps: int, top: int = 12) -> dict:
+    """The traced op time per step (events: instruction_totals), its dot share, the `top` dot signatures
+    (dots_by_name: dot_instructions with FLOPs) and the other op kinds."""
     total = sum(ns for ns, _ in events.values())
     groups: dict[str, list] = {}
     for op, (ns, calls) in events.items():
@@ -59,12 +59,13 @@ def breakdown(hlo_text: str, events: dict[str, list], steps: int, top: int = 12)
             "other_ops": {k: v / total for k, v in sorted(others.items(), key=lambda kv: -kv[1])[:6]}}
 
 
-def wall_split(trace_dir: Path, dot_ops: set) -> dict:
-    """Shares of the traced wall time (first op's start to last op's end) during which a dot runs
+def wall_split(op_events, dot_ops: set) -> dict:
+    """Shares of the traced wall time (first op's start to last op's end of hlo_op_events' events) during
+    which a dot runs
     (``matmul_share``), only other ops run, and no op runs (the runtime between ops, and untimed work).
     Ops that run side by side count once, so unlike op time these add up to the step."""
     edges = []
-    for op, start, duration in hlo_op_events(trace_dir):
+    for op, start, duration in op_events:
         if op_kind(op) not in CONTROL_OPS:
             edges += [(start, 1, op in dot_ops), (start + duration, -1, op in dot_ops)]
     if not edges:
@@ -82,8 +83,11 @@ def wall_split(trace_dir: Path, dot_ops: set) -> dict:
 
 
 def analyse(trace_dir: Path, hlo_text: str) -> dict:
-    dot_ops = {op for op, (flops, _) in dot_instructions(hlo_text).items() if flops}
-    return {**breakdown(hlo_text, instruction_events(trace_dir), steps=2), "wall": wall_split(trace_dir, dot_ops)}
+    """The trace of two steps read once: breakdown and wall_split."""
+    op_events = list(hlo_op_events(trace_dir))
+    dots_by_name = {op: dot for op, dot in dot_instructions(hlo_text).items() if dot[0]}  # FLOPs > 0
+    return {**breakdown(dots_by_name, instruction_totals(op_events), steps=2),
+            "wall": wall_split(op_events, set(dots_by_name))}
 
 
 def profile(family: str, d_model: int, cache_dir: str, steps: int = 6) -> dict:

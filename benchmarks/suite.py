@@ -405,15 +405,20 @@ def hlo_op_events(trace_dir: Path):
                     yield str(op), event.start_ns, event.duration_ns
 
 
-def instruction_events(trace_dir: Path) -> dict[str, list]:
-    """[device time (ns), executions] per HLO instruction ("ynn_fusion.46", "all-reduce.2", ...) of the
-    newest trace under trace_dir (hlo_op_events)."""
+def instruction_totals(op_events) -> dict[str, list]:
+    """[device time (ns), executions] per HLO instruction ("ynn_fusion.46", "all-reduce.2", ...) of
+    hlo_op_events' (instruction, start, duration) events."""
     events: dict[str, list] = {}
-    for op, _, duration in hlo_op_events(trace_dir):
+    for op, _, duration in op_events:
         entry = events.setdefault(op, [0.0, 0])
         entry[0] += duration
         entry[1] += 1
     return events
+
+
+def instruction_events(trace_dir: Path) -> dict[str, list]:
+    """instruction_totals of the newest trace under trace_dir."""
+    return instruction_totals(hlo_op_events(trace_dir))
 
 
 def op_times(events: dict[str, list]) -> dict[str, float]:
